@@ -1,0 +1,115 @@
+"""Targeted L2-PGD (Madry et al.) in [0, 1] pixel space, batched over instances x copies.
+
+Algorithm 1 of Cha et al. attacks each forget image N_adv times; here every copy of every image
+is one row of a single batch (chunked to fit memory), so the attack costs
+``ceil(k * N_adv / batch_size) * steps`` forward+backward passes and no Python work per copy.
+Gradients are taken with respect to the inputs only; the model's parameters, ``.grad`` fields
+and train/eval mode are left as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def draw_targets(
+    labels: torch.Tensor, num_classes: int, n_adv: int, generator: torch.Generator, *, per_copy: bool = False
+) -> torch.Tensor:
+    """For each label, ``n_adv`` attack targets drawn uniformly among the *other* classes.
+
+    Shape ``(len(labels), n_adv)``. Algorithm 1 draws one target per image and attacks it
+    ``n_adv`` times (``per_copy=False``); ``per_copy=True`` draws a target for every copy.
+    Adding an offset in [1, C-1] modulo C is uniform over the C-1 other classes and never
+    returns the label itself (the reference code's draw is biased; this one is not).
+    """
+    if num_classes < 2:
+        raise ValueError("a targeted attack needs at least two classes")
+    offsets = torch.randint(1, num_classes, (labels.numel(), n_adv if per_copy else 1), generator=generator)
+    return ((labels.view(-1, 1).cpu() + offsets) % num_classes).expand(-1, n_adv).contiguous()
+
+
+def _l2_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def pgd_l2_targeted(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    eps: float = 1.0,
+    step_size: float = 0.1,
+    steps: int = 100,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    batch_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Move each image towards its target class within an L2 ball of radius ``eps``.
+
+    ``images`` in [0, 1] (N x C x H x W) and ``targets`` (N,) on the model's device. Returns
+    adversarial images in [0, 1], same shape and device. ``progress(n)`` is called with the
+    number of images finished after each chunk. ``autocast_dtype`` (e.g. bfloat16 on CUDA)
+    runs forward/backward in reduced precision; the perturbation itself stays fp32.
+    """
+    was_training = model.training
+    model.eval()
+    out = torch.empty_like(images)
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].detach().float()
+            y = targets[start:start + batch_size]
+            delta = torch.zeros_like(x)
+            if random_start and eps > 0:
+                noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+                radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device="cpu").to(x.device)
+                delta = noise / _l2_norm(noise).clamp_min(1e-12) * radius * eps
+                delta = (x + delta).clamp(0, 1) - x
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = model(x + delta)
+                # Sum, not mean: each row's gradient is independent of the chunk size.
+                loss = F.cross_entropy(logits.float(), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    step = grad / _l2_norm(grad).clamp_min(1e-12)
+                    delta = delta - step_size * step  # descend: towards the target class
+                    norm = _l2_norm(delta)
+                    delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
+                    delta = (x + delta).clamp(0, 1) - x
+            out[start:start + x.shape[0]] = (x + delta).detach().to(out.dtype)
+            if progress is not None:
+                progress(x.shape[0])
+    finally:
+        model.train(was_training)
+    return out
+
+
+def adversarial_set(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    n_adv: int,
+    generator: torch.Generator,
+    per_copy_targets: bool = False,
+    **attack_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N_adv targeted adversarial copies of each image.
+
+    Returns ``(x_adv, target, source)``: ``k * n_adv`` images, their attack targets and the
+    index of the image each came from.
+    """
+    device = images.device
+    targets = draw_targets(labels, num_classes, n_adv, generator, per_copy=per_copy_targets).to(device).flatten()
+    source = torch.arange(images.shape[0], device=device).repeat_interleave(n_adv)
+    x = images.repeat_interleave(n_adv, dim=0)
+    x_adv = pgd_l2_targeted(model, x, targets, generator=generator, **attack_kwargs)
+    return x_adv, targets, source

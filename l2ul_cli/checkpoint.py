@@ -1,0 +1,220 @@
+"""Reading and writing checkpoints, safely.
+
+Reads ``.safetensors``, pickled ``.pt/.pth/.bin`` files (only through
+``torch.load(weights_only=True)``: a pickle that would run code is refused, never retried
+unsafely) and timm-style folders (``config.json`` + ``model.safetensors``). Writes are atomic
+(temp file in the target folder + ``os.replace``) so a crash never leaves half a checkpoint.
+
+l2ul's own settings travel in the safetensors metadata under the key ``l2ul`` as one JSON
+document: architecture, number of classes and channels, class names, preprocessing and the
+ledger of earlier requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, InputError
+
+META_KEY = "l2ul"
+META_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class RawCheckpoint:
+    """Tensors and whatever settings the file carried, before any model is built."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes left by DataParallel/DDP (``module.``) and torch.compile
+    (``_orig_mod.``), in any order and nesting."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        k = str(key)
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = value
+    return out
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint's dictionary."""
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(
+                isinstance(v, torch.Tensor) for v in inner.values()
+            ):
+                return inner
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return tensors
+    raise CheckpointError(
+        f"{path}: no state dict found (expected tensors, or a dict with one of "
+        f"{', '.join(_WRAPPER_KEYS)})"
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types and OSError
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from exc
+    meta: dict[str, Any] = {}
+    if META_KEY in raw_meta:
+        try:
+            meta = json.loads(raw_meta[META_KEY])
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            meta = {"_unparsable": True}
+    return tensors, meta
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: the pickle holds objects other than tensors and plain "
+            "containers, and loading it could run code (only weights_only=True is used); "
+            "convert it to .safetensors in a trusted environment"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from exc
+    return _unwrap(obj, path)
+
+
+def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+    config_path = path / "config.json"
+    weights = next(
+        (path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
+        None,
+    )
+    if weights is None:
+        raise CheckpointError(f"{path}: folder has no model.safetensors or pytorch_model.bin")
+    meta: dict[str, Any] = {}
+    if weights.suffix == ".safetensors":
+        sd, meta = _read_safetensors(weights)
+    else:
+        sd = _read_pickle(weights)
+    if config_path.is_file():
+        try:
+            cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON ({_first_line(exc)})") from exc
+        meta = {**_meta_from_timm_config(cfg), **meta}
+    return sd, meta, weights
+
+
+def _meta_from_timm_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Map a timm/Hugging Face ``config.json`` onto l2ul's metadata keys."""
+    meta: dict[str, Any] = {}
+    if "architecture" in cfg:
+        meta["arch"] = cfg["architecture"]
+    names = cfg.get("label_names") or cfg.get("pretrained_cfg", {}).get("label_names")
+    if isinstance(names, list):
+        meta["class_names"] = [str(n) for n in names]
+    pcfg = cfg.get("pretrained_cfg", {})
+    pre = {k: pcfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in pcfg}
+    if pre:
+        meta["preprocessing"] = pre
+    return meta
+
+
+def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
+    """Read tensors and metadata from any supported checkpoint layout."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: checkpoint not found")
+    if p.is_dir():
+        sd, meta, weights = _read_folder(p)
+        digest = sha256_file(weights)
+    else:
+        if p.stat().st_size == 0:
+            raise CheckpointError(f"{p}: empty file")
+        if p.suffix == ".safetensors":
+            sd, meta = _read_safetensors(p)
+        elif p.suffix in PICKLE_SUFFIXES:
+            sd, meta = _read_pickle(p), {}
+        else:
+            raise CheckpointError(
+                f"{p}: unknown checkpoint type (supported: .safetensors, "
+                f"{', '.join(PICKLE_SUFFIXES)}, or a folder with config.json + model.safetensors)"
+            )
+        digest = sha256_file(p)
+    sd = clean_state_dict(sd)
+    if not sd:
+        raise CheckpointError(f"{p}: holds no tensors")
+    return RawCheckpoint(path=p, state_dict=sd, meta=meta, sha256=digest)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` and move the result into place only if it succeeded."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write in {folder} ({exc.strerror})") from exc
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """Write a safetensors checkpoint atomically with l2ul metadata; returns its SHA-256."""
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share storage (tied weights): give each its own copy.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    header = {"format": "pt", META_KEY: json.dumps({"version": META_VERSION, **meta}, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return sha256_file(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

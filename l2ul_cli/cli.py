@@ -1,0 +1,281 @@
+"""The ``l2ul`` command line: options -> one library call -> rendering. Nothing else.
+
+Errors the user can cause become one ``error:`` line on stderr (mapped in :func:`_run`, the only
+place that does so); results go to stdout, progress and logs to stderr.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from typing_extensions import Annotated
+
+from . import __version__
+from .config import DEFAULT_METHOD, AttackConfig
+from .errors import GoalNotMet, L2ULError
+from .progress import RichProgress
+from .report import render_run, to_json
+
+app = typer.Typer(
+    name="l2ul",
+    help="Make a trained image classifier forget, or relabel, specific images without retraining it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode=None,
+)
+
+
+class ForgetMethod(str, Enum):
+    neggrad = "neggrad"
+    adv = "adv"
+    adv_imp = "adv+imp"
+    l2ul = "l2ul"
+
+
+class RelabelMethod(str, Enum):
+    correct = "correct"
+    adv = "adv"
+    adv_imp = "adv+imp"
+    l2ul = "l2ul"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class BNMode(str, Enum):
+    eval = "eval"
+    train = "train"
+
+
+class Objective(str, Enum):
+    ce = "ce"
+    margin = "margin"
+
+
+class AdvLoss(str, Enum):
+    none = "none"
+    ce = "ce"
+    kd = "kd"
+
+
+def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got '{text}'", param_hint=what)
+
+
+def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
+    vals = _floats(text, what)
+    return None if vals is None else [int(v) for v in vals]
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def _run(fn: Callable[[], Any], debug: bool) -> Any:
+    """Run a command body; map known failures to one line and an exit code."""
+
+    def _term(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, write nothing
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        return fn()
+    except L2ULError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.echo("error: interrupted; nothing was written", err=True)
+        raise typer.Exit(130)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug: say so in one line, the traceback is behind --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+        raise typer.Exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth/.bin (weights only), or a timm folder.", show_default=False)]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="timm name (resnet18) or torchvision:NAME; read from the checkpoint when it carries one.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output checkpoint [default: <input stem>-<command>.safetensors beside the input].")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write the JSON report here.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to compute.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for attack targets, random starts and batch order.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file (never the input).")]
+PartialOpt = Annotated[bool, typer.Option("--allow-partial", help="Write the checkpoint even when the goal is not met.")]
+InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="H,W (or C,H,W) the model takes [default: from the checkpoint or model config].")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean, comma-separated.")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, comma-separated.")]
+EpsOpt = Annotated[float, typer.Option("--eps", help="L2 radius of the attack in [0,1] pixel space.")]
+NAdvOpt = Annotated[int, typer.Option("--n-adv", help="Adversarial copies per image.")]
+AttackStepsOpt = Annotated[int, typer.Option("--attack-steps", help="PGD iterations.")]
+AttackLrOpt = Annotated[float, typer.Option("--attack-step-size", help="PGD step length (L2).")]
+PerCopyOpt = Annotated[bool, typer.Option("--per-copy-targets", help="Draw an attack target for every copy (Algorithm 1 draws one per image).")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="SGD learning rate [default: 1e-3].")]
+LamOpt = Annotated[Optional[float], typer.Option("--lam", help="λ of the importance penalty [default: 1].")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Step cap [default: 500].")]
+BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during updates: eval (frozen) or train (reference code) [default: eval].")]
+ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="Override the method's objective: ce (paper) or margin (bounded).")]
+AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
+RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (everything else on stderr).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report, method, device, seed, force,
+             allow_partial, input_size, mean, std, eps, n_adv, attack_steps, attack_step_size, per_copy_targets,
+             lr, lam, max_steps, bn, objective, adv_loss, request_id, json_out, quiet, debug) -> None:
+    from .workflow import run_request
+
+    err = _stderr()
+    progress = RichProgress(err, enabled=not quiet)
+
+    def body():
+        try:
+            return run_request(
+                goal, checkpoint, images=images, manifest=manifest, arch=arch, out=out, report_path=report,
+                method=method, device=device, seed=seed, force=force, allow_partial=allow_partial,
+                input_size=_ints(input_size, "--input-size"), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                attack=AttackConfig(n_adv=n_adv, eps=eps, steps=attack_steps, step_size=attack_step_size,
+                                    per_copy_targets=per_copy_targets),
+                unlearn_overrides={"lr": lr, "lam": lam, "max_steps": max_steps, "bn": bn.value if bn else None,
+                                   "objective": objective.value if objective else None,
+                                   "adv_loss": adv_loss.value if adv_loss else None},
+                request_id=request_id, progress=progress,
+            )
+        except GoalNotMet as exc:
+            _show(exc.report, json_out, quiet)
+            raise
+        finally:
+            progress.close()
+
+    _show(_run(body, debug), json_out, quiet)
+
+
+def _show(report: Optional[dict], json_out: bool, quiet: bool) -> None:
+    if report is None:
+        return
+    if json_out:
+        typer.echo(to_json(report))
+    if not quiet:
+        render_run(report, _stderr() if json_out else Console())
+
+
+_A = AttackConfig()
+
+
+@app.command()
+def forget(
+    checkpoint: CheckpointArg,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of images to forget: class sub-folders, or flat (labels = current predictions).")] = None,
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="CSV with columns path[,label] instead of --images.")] = None,
+    arch: ArchOpt = None,
+    out: OutOpt = None,
+    report: ReportOpt = None,
+    method: Annotated[ForgetMethod, typer.Option("--method", help="neggrad, adv, adv+imp (paper) or l2ul (bounded + distillation).")] = ForgetMethod(DEFAULT_METHOD),
+    device: DeviceOpt = Device.auto,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    allow_partial: PartialOpt = False,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    eps: EpsOpt = _A.eps,
+    n_adv: NAdvOpt = _A.n_adv,
+    attack_steps: AttackStepsOpt = _A.steps,
+    attack_step_size: AttackLrOpt = _A.step_size,
+    per_copy_targets: PerCopyOpt = False,
+    lr: LrOpt = None,
+    lam: LamOpt = None,
+    max_steps: MaxStepsOpt = None,
+    bn: BNOpt = None,
+    objective: ObjectiveOpt = None,
+    adv_loss: AdvLossOpt = None,
+    request_id: RequestOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Make the model misclassify every given image; write a new checkpoint and a report."""
+    _request("forget", checkpoint, images=images, manifest=manifest, arch=arch, out=out, report=report,
+             method=method.value, device=device.value, seed=seed, force=force, allow_partial=allow_partial,
+             input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
+             attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
+             max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
+             json_out=json_out, quiet=quiet, debug=debug)
+
+
+@app.command()
+def relabel(
+    checkpoint: CheckpointArg,
+    manifest: Annotated[Path, typer.Option("--manifest", help="CSV with columns path,new_label[,label].")],
+    arch: ArchOpt = None,
+    out: OutOpt = None,
+    report: ReportOpt = None,
+    method: Annotated[RelabelMethod, typer.Option("--method", help="correct, adv, adv+imp (paper) or l2ul (bounded + distillation).")] = RelabelMethod(DEFAULT_METHOD),
+    device: DeviceOpt = Device.auto,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    allow_partial: PartialOpt = False,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    eps: EpsOpt = _A.eps,
+    n_adv: NAdvOpt = _A.n_adv,
+    attack_steps: AttackStepsOpt = _A.steps,
+    attack_step_size: AttackLrOpt = _A.step_size,
+    per_copy_targets: PerCopyOpt = False,
+    lr: LrOpt = None,
+    lam: LamOpt = None,
+    max_steps: MaxStepsOpt = None,
+    bn: BNOpt = None,
+    objective: ObjectiveOpt = None,
+    adv_loss: AdvLossOpt = None,
+    request_id: RequestOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Make the model predict each listed image's new label; write a new checkpoint and a report."""
+    _request("relabel", checkpoint, images=None, manifest=manifest, arch=arch, out=out, report=report,
+             method=method.value, device=device.value, seed=seed, force=force, allow_partial=allow_partial,
+             input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
+             attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
+             max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
+             json_out=json_out, quiet=quiet, debug=debug)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"l2ul {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
+) -> None:
+    """l2ul: instance-wise unlearning for trained image classifiers (Cha et al., AAAI 2024)."""

@@ -1,0 +1,55 @@
+"""Errors the tool knows how to explain.
+
+Every failure a user can cause is raised as an :class:`L2ULError` subclass; the CLI maps them
+to one ``error:`` line and an exit code in one place (``cli._run``). Anything else is a bug and
+is re-raised with its traceback under ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class L2ULError(Exception):
+    """A failure caused by input or environment, explained in one line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(L2ULError):
+    """Options that contradict each other or cannot be used together."""
+
+    exit_code = 2
+
+
+class InputError(L2ULError):
+    """A path, image, folder or manifest that cannot be used."""
+
+
+class CheckpointError(L2ULError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the architecture."""
+
+
+class GoalNotMet(L2ULError):
+    """Unlearning stopped at its step cap before every image reached its goal.
+
+    Carries the run's report, which is still written and shown.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class NumericalError(L2ULError):
+    """The loss became NaN or infinite; nothing is written."""
+
+
+class Interrupted(L2ULError):
+    """Stopped by SIGINT/SIGTERM; nothing is written."""
+
+    exit_code = 130

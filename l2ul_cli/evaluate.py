@@ -1,0 +1,134 @@
+"""Measuring a classifier on a set of images: accuracy, top-5, per class, confusion, and the
+membership-inference and "Streisand" checks of the paper's section 4.3.
+
+Everything takes logits and labels (tensors), so each metric is tested on hand-made numbers;
+:func:`predict` is the only function that runs a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """Logits (fp32, CPU) of every image, in eval mode, batch by batch."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(b.to(device)).float().cpu() for b in batches])
+    finally:
+        model.train(was)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean()) if labels.numel() else float("nan")
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    k = min(k, logits.shape[1])
+    return float((logits.topk(k, dim=1).indices == labels.view(-1, 1)).any(1).float().mean()) if labels.numel() else float("nan")
+
+
+def confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts, rows = true label, columns = prediction."""
+    return torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[int, dict[str, float]]:
+    cm = confusion(logits.argmax(1), labels, num_classes)
+    out = {}
+    for c in range(num_classes):
+        n = int(cm[c].sum())
+        if n:
+            out[c] = {"accuracy": float(cm[c, c]) / n, "n": n}
+    return out
+
+
+def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve of a score that should be higher for ``positive``: the
+    probability that a random positive outscores a random negative (ties count half)."""
+    p, n = positive.double().flatten(), negative.double().flatten()
+    if p.numel() == 0 or n.numel() == 0:
+        return float("nan")
+    scores = torch.cat([p, n])
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    sorted_scores = scores[order]
+    # average ranks for ties
+    i = 0
+    ranks_sorted = torch.empty_like(scores)
+    values = sorted_scores.tolist()
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        ranks_sorted[i:j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    ranks[order] = ranks_sorted
+    r_pos = ranks[: p.numel()].sum()
+    return float((r_pos - p.numel() * (p.numel() + 1) / 2) / (p.numel() * n.numel()))
+
+
+def membership_inference(
+    forget_logits: torch.Tensor, forget_labels: torch.Tensor, heldout_logits: torch.Tensor, heldout_labels: torch.Tensor
+) -> dict[str, float]:
+    """AUC of two simple attacks telling forget images (members) from held-out images.
+
+    Loss attack: members have lower loss, so the score is −loss. Confidence attack: members get
+    a higher top probability. 0.5 means the attacker cannot tell them apart.
+    """
+    def loss(lg, y):
+        return F.cross_entropy(lg.float(), y, reduction="none")
+
+    def conf(lg):
+        return lg.float().softmax(1).max(1).values
+
+    return {
+        "loss_auc": auc(-loss(forget_logits, forget_labels), -loss(heldout_logits, heldout_labels)),
+        "confidence_auc": auc(conf(forget_logits), conf(heldout_logits)),
+    }
+
+
+def streisand(before_labels: torch.Tensor, after_pred: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """How the forgotten images' new labels spread (paper Fig. 2): a single "retainer" class
+    that collects them would itself reveal which images were removed.
+
+    Returns the normalised entropy of the new-label distribution (1 = spread evenly over the
+    classes available, 0 = all in one class), the largest share taken by one class, and the
+    chi-square statistic against a uniform spread over the other classes.
+    """
+    moved = after_pred[after_pred != before_labels]
+    if moved.numel() == 0:
+        return {"entropy": float("nan"), "max_share": float("nan"), "chi2": float("nan"), "n": 0}
+    counts = torch.bincount(moved, minlength=num_classes).double()
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    ent = float(-(nz * nz.log()).sum())
+    k_eff = min(num_classes - 1, int(moved.numel()))
+    ent_norm = ent / math.log(k_eff) if k_eff > 1 else float("nan")
+    expected = torch.zeros(num_classes, dtype=torch.double)
+    for y in before_labels[after_pred != before_labels].tolist():
+        expected += 1.0 / (num_classes - 1)
+        expected[y] -= 1.0 / (num_classes - 1)
+    mask = expected > 0
+    chi2 = float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
+    return {"entropy": ent_norm, "max_share": float(p.max()), "chi2": chi2, "n": int(moved.numel())}
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, class_names: Sequence[str] | None = None) -> dict:
+    """The metrics ``l2ul eval`` reports for one model on labelled images."""
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    pc = per_class_accuracy(logits, labels, num_classes)
+    return {
+        "accuracy": accuracy(logits, labels),
+        "top5_accuracy": topk_accuracy(logits, labels, 5),
+        "n_images": int(labels.numel()),
+        "per_class": {names[c]: v for c, v in pc.items()},
+        "confusion": confusion(logits.argmax(1), labels, num_classes).tolist(),
+    }

@@ -1,0 +1,276 @@
+"""Building a network from a timm or torchvision name, and wrapping it so that everything
+else in l2ul works in [0, 1] pixel space.
+
+The wrapper (:class:`PixelClassifier`) applies the mean/std normalisation inside ``forward``:
+attacks, importance and evaluation then never need to know the model's preprocessing, and the
+state dict written back out is the plain network's, loadable by timm or torchvision directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import RawCheckpoint, read_checkpoint
+from .errors import CheckpointError, UsageError
+
+TORCHVISION_PREFIX = "torchvision:"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes the network's input; stored in every checkpoint l2ul writes."""
+
+    input_size: tuple[int, int, int]  # channels, height, width
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            crop_pct=float(d.get("crop_pct", 1.0)),
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+
+class PixelClassifier(nn.Module):
+    """``net`` behind a fixed normalisation: takes images in [0, 1], returns logits."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-use classifier and everything needed to write it back with its settings."""
+
+    model: PixelClassifier
+    arch: str
+    num_classes: int
+    in_chans: int
+    class_names: list[str] | None
+    preprocessing: Preprocessing
+    source: RawCheckpoint
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model.net
+
+    def class_name(self, index: int) -> str:
+        if self.class_names and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return str(index)
+
+    def metadata(self) -> dict[str, Any]:
+        """The l2ul metadata block for a checkpoint written from this model."""
+        return {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing.to_dict(),
+            "ledger": self.ledger,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.net.state_dict()
+
+
+def _quiet():
+    """timm and torchvision sometimes print warnings when building; keep stdout clean."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def build_network(arch: str, num_classes: int | None = None, in_chans: int | None = None, *, meta: bool = False) -> nn.Module:
+    """Create an untrained network by name: ``resnet18`` (timm) or ``torchvision:resnet18``."""
+    kwargs: dict[str, Any] = {}
+    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    try:
+        with ctx, _quiet():
+            if arch.startswith(TORCHVISION_PREFIX):
+                import torchvision
+
+                name = arch[len(TORCHVISION_PREFIX):]
+                if num_classes is not None:
+                    kwargs["num_classes"] = num_classes
+                net = torchvision.models.get_model(name, weights=None, **kwargs)
+                if in_chans is not None and in_chans != 3:
+                    _set_first_conv_channels(net, in_chans)
+            else:
+                import timm
+
+                if num_classes is not None:
+                    kwargs["num_classes"] = num_classes
+                if in_chans is not None:
+                    kwargs["in_chans"] = in_chans
+                net = timm.create_model(arch, pretrained=False, **kwargs)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"unknown or unbuildable architecture '{arch}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    return net
+
+
+def _set_first_conv_channels(net: nn.Module, in_chans: int) -> None:
+    """torchvision models have no ``in_chans``: replace the first convolution."""
+    for parent in net.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                new = nn.Conv2d(
+                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, child.groups, child.bias is not None, child.padding_mode,
+                    device=child.weight.device,
+                )
+                setattr(parent, name, new)
+                return
+
+
+def _head_and_stem(net: nn.Module) -> tuple[str, str]:
+    """Names of the classifier weight (out = classes) and first conv weight (in = channels)."""
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    params = dict(net.named_parameters())
+    head = f"{cfg['classifier']}.weight" if isinstance(cfg.get("classifier"), str) else None
+    stem = f"{cfg['first_conv']}.weight" if isinstance(cfg.get("first_conv"), str) else None
+    if head not in params:
+        head = [n for n, p in params.items() if p.ndim == 2 and n.endswith("weight")][-1:]
+        head = head[0] if head else ""
+    if stem not in params:
+        stem = next((n for n, p in params.items() if p.ndim == 4), "")
+    return head, stem
+
+
+def infer_shapes(arch: str, state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Number of classes and input channels, read from the checkpoint's own tensors."""
+    probe = build_network(arch, meta=True)
+    head, stem = _head_and_stem(probe)
+    if head not in state_dict:
+        raise CheckpointError(f"checkpoint does not fit '{arch}': missing classifier weight '{head}'")
+    num_classes = int(state_dict[head].shape[0])
+    in_chans = int(state_dict[stem].shape[1]) if stem in state_dict and state_dict[stem].ndim == 4 else 3
+    return num_classes, in_chans
+
+
+def resolve_preprocessing(
+    net: nn.Module,
+    in_chans: int,
+    stored: dict[str, Any] | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Preprocessing:
+    """One place that decides preprocessing: user overrides > checkpoint metadata > model config."""
+    if stored and all(k in stored for k in ("input_size", "mean", "std")):
+        base = Preprocessing.from_dict(stored)
+    else:
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        size = tuple(cfg.get("input_size", (3, 224, 224)))
+        base = Preprocessing(
+            input_size=(in_chans, int(size[-2]), int(size[-1])),
+            mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+            std=tuple(cfg.get("std", IMAGENET_STD)),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+        )
+    size = base.input_size
+    if input_size is not None:
+        dims = [int(v) for v in input_size]
+        size = (in_chans, dims[-2], dims[-1]) if len(dims) >= 2 else (in_chans, dims[0], dims[0])
+    m = tuple(mean) if mean is not None else base.mean
+    s = tuple(std) if std is not None else base.std
+    return Preprocessing(
+        input_size=(in_chans, size[1], size[2]),
+        mean=_fit_channels(m, in_chans, "mean"),
+        std=_fit_channels(s, in_chans, "std"),
+        crop_pct=base.crop_pct,
+        interpolation=base.interpolation,
+    )
+
+
+def _fit_channels(values: tuple[float, ...], in_chans: int, what: str) -> tuple[float, ...]:
+    """ImageNet statistics are given for 3 channels; a grey model gets their average."""
+    if len(values) == in_chans:
+        return tuple(float(v) for v in values)
+    if len(values) == 1:
+        return tuple(float(values[0]) for _ in range(in_chans))
+    if in_chans == 1:
+        return (sum(values) / len(values),)
+    raise UsageError(f"--{what} has {len(values)} values but the model takes {in_chans} channels")
+
+
+def load_state_strict(net: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: os.PathLike | str) -> None:
+    """Strict loading with a one-line explanation of the first mismatch."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''} ({len(missing)} in all)")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' …' if len(unexpected) > 3 else ''} ({len(unexpected)} in all)")
+        raise CheckpointError(f"{path}: does not match architecture '{arch}': {'; '.join(parts)}")
+    for k, v in expected.items():
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{path}: does not match architecture '{arch}': {k} has shape "
+                f"{tuple(state_dict[k].shape)}, the architecture expects {tuple(v.shape)}"
+            )
+    full = {k: state_dict.get(k, v) for k, v in expected.items()}
+    net.load_state_dict({k: t.to(expected[k].dtype) for k, t in full.items()}, strict=True)
+
+
+def load_model(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Read a checkpoint, build its architecture, load the weights strictly, wrap for pixels."""
+    raw = read_checkpoint(path)
+    meta = raw.meta
+    if meta.get("_unparsable"):
+        meta = {}
+    arch = arch or meta.get("arch")
+    if not arch:
+        raise UsageError(f"{raw.path}: the checkpoint does not say its architecture; pass --arch (e.g. resnet18 or torchvision:resnet50)")
+    num_classes, in_chans = infer_shapes(arch, raw.state_dict)
+    net = build_network(arch, num_classes, in_chans)
+    load_state_strict(net, raw.state_dict, arch, raw.path)
+    net.eval()
+    class_names = meta.get("class_names")
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None
+    pre = resolve_preprocessing(net, in_chans, meta.get("preprocessing"), input_size=input_size, mean=mean, std=std)
+    model = PixelClassifier(net, pre.mean, pre.std).to(device)
+    ledger = meta.get("ledger") if isinstance(meta.get("ledger"), list) else []
+    return LoadedModel(
+        model=model, arch=arch, num_classes=num_classes, in_chans=in_chans,
+        class_names=list(class_names) if class_names else None, preprocessing=pre,
+        source=raw, ledger=list(ledger),
+    )

@@ -1,0 +1,243 @@
+"""The unlearning loop: objectives (Eq. 3, 4), regularisers (Eq. 6, 7) and the stop rule.
+
+:func:`unlearn` changes a model in place until every forget image meets its goal — misclassified
+(``forget``) or predicted as its new label (``relabel``) — or the step cap is hit. The goal is
+checked before every update on logits of the current weights in eval mode (with BatchNorm frozen
+these are the logits the update itself computes, so the check costs no extra pass), so the loop
+stops at the first weights that meet it and never takes a step past them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attack import adversarial_set
+from .config import AttackConfig, Goal, UnlearnConfig
+from .errors import NumericalError
+from .importance import ImportancePenalty, mas_importance
+
+
+class Progress(Protocol):
+    """What the loop reports; the CLI draws rich progress bars from it."""
+
+    def start(self, phase: str, total: int, unit: str = "images") -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullProgress:
+    def start(self, phase: str, total: int, unit: str = "images") -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class UnlearnResult:
+    goal_met: bool
+    steps: int
+    seconds: dict[str, float]
+    logits: torch.Tensor  # forget images' logits after unlearning (eval mode, fp32, CPU)
+    lam_final: float | None = None
+    adv_attack_success: float | None = None  # fraction of copies the original model puts in their target class
+    notes: list[str] = field(default_factory=list)
+    loss_history: list[float] = field(default_factory=list)
+
+
+def goal_mask(logits: torch.Tensor, targets: torch.Tensor, goal: Goal) -> torch.Tensor:
+    """Per image: does the prediction meet the goal? forget: ≠ label; relabel: = new label."""
+    pred = logits.argmax(dim=1)
+    return pred != targets if goal == "forget" else pred == targets
+
+
+def _max_other(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(F.one_hot(cls, logits.shape[1]).bool(), float("-inf")).max(dim=1).values
+
+
+def objective_loss(logits: torch.Tensor, targets: torch.Tensor, goal: Goal, kind: str, margin: float) -> torch.Tensor:
+    """L_UL. ``ce``: −CE (forget, Eq. 3) or CE (relabel, Eq. 4). ``margin``: a per-image hinge
+    on the logit gap that is exactly zero once the image is past its goal by ``margin``, so
+    images already forgotten stop pulling the weights (−CE is unbounded below)."""
+    logits = logits.float()
+    if kind == "ce":
+        ce = F.cross_entropy(logits, targets)
+        return -ce if goal == "forget" else ce
+    own = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    other = _max_other(logits, targets)
+    gap = own - other if goal == "forget" else other - own
+    return F.relu(gap + margin).mean()
+
+
+def adversarial_loss(logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """R_Adv. ``ce``: CE to the attack targets (Eq. 6). ``kd``: KL to the original model's
+    output on the same copies, which keeps its whole decision boundary, not only the argmax."""
+    logits = logits.float()
+    if kind == "ce":
+        return F.cross_entropy(logits, targets)
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean") * t * t
+
+
+def _set_bn_train(model: nn.Module, bn: str) -> None:
+    model.train(bn == "train")
+
+
+def _attack_with_retry(model, images, labels, num_classes, attack: AttackConfig, generator, autocast_dtype, progress):
+    """Run the attack; on CUDA out-of-memory halve the chunk and start again."""
+    batch = attack.batch_size
+    state = generator.get_state()
+    while True:
+        try:
+            progress.start("attack", images.shape[0] * attack.n_adv)
+            return adversarial_set(
+                model, images, labels, num_classes, n_adv=attack.n_adv, generator=generator,
+                per_copy_targets=attack.per_copy_targets, eps=attack.eps, step_size=attack.step_size,
+                steps=attack.steps, random_start=attack.random_start, batch_size=batch,
+                autocast_dtype=autocast_dtype, progress=progress.advance,
+            )
+        except torch.cuda.OutOfMemoryError:
+            if batch <= 1:
+                raise
+            batch = max(1, batch // 2)
+            generator.set_state(state)
+            torch.cuda.empty_cache()
+        finally:
+            progress.finish()
+
+
+def unlearn(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    goal: Goal,
+    num_classes: int,
+    config: UnlearnConfig,
+    attack: AttackConfig,
+    attack_labels: torch.Tensor | None = None,
+    seed: int = 0,
+    amp: bool = True,
+    progress: Progress | None = None,
+) -> UnlearnResult:
+    """Change ``model`` in place so that ``images`` meet ``goal``.
+
+    ``images`` are in [0, 1] on the model's device. ``targets``: the labels to move away from
+    (forget) or the new labels (relabel). ``attack_labels``: the classes the attack moves away
+    from (default: ``targets`` for forget; required for relabel — the current labels).
+    """
+    progress = progress or NullProgress()
+    device = images.device
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    seconds = {"attack": 0.0, "importance": 0.0, "updates": 0.0}
+    notes: list[str] = []
+    autocast_dtype = torch.bfloat16 if (amp and device.type == "cuda") else None
+    model.eval()
+
+    x_adv = t_adv = teacher = None
+    adv_success = None
+    if config.adv_loss != "none" and attack.n_adv > 0:
+        t0 = time.perf_counter()
+        labels_for_attack = attack_labels if attack_labels is not None else targets
+        x_adv, t_adv, _ = _attack_with_retry(model, images, labels_for_attack, num_classes, attack, generator, autocast_dtype, progress)
+        with torch.no_grad():
+            teacher = torch.cat([model(x_adv[i:i + 1024]).float() for i in range(0, x_adv.shape[0], 1024)])
+        adv_success = float((teacher.argmax(1) == t_adv).float().mean())
+        seconds["attack"] = time.perf_counter() - t0
+
+    penalty = None
+    if config.importance:
+        t0 = time.perf_counter()
+        progress.start("importance", images.shape[0])
+        omega = mas_importance(model, images, progress=progress.advance)
+        progress.finish()
+        penalty = ImportancePenalty(model, omega, config.lam)
+        seconds["importance"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    n_adv_rows = 0 if x_adv is None else x_adv.shape[0]
+    adv_bs = min(config.adv_batch_size, n_adv_rows)
+    order = torch.randperm(n_adv_rows, generator=generator).to(device) if n_adv_rows else None
+    cursor = 0
+    best_met, since_best = -1, 0
+    goal_met = False
+    steps = 0
+    losses: list[float] = []
+    progress.start("updates", config.max_steps, unit="steps")
+    try:
+        while True:
+            idx = None
+            if adv_bs:
+                if cursor + adv_bs > n_adv_rows:
+                    order = torch.randperm(n_adv_rows, generator=generator).to(device)
+                    cursor = 0
+                idx = order[cursor:cursor + adv_bs]
+                cursor += adv_bs
+            if config.bn == "eval":
+                model.eval()
+                batch = images if idx is None else torch.cat([images, x_adv[idx]])
+                logits = model(batch)
+                lf, la = logits[: images.shape[0]], logits[images.shape[0]:]
+                met = goal_mask(lf.detach(), targets, goal)
+            else:
+                with torch.no_grad():
+                    model.eval()
+                    met = goal_mask(model(images), targets, goal)
+            n_met = int(met.sum())
+            if n_met == images.shape[0]:
+                goal_met = True
+                break
+            if steps >= config.max_steps:
+                break
+            if config.bn == "train":
+                model.train()
+                lf = model(images)
+                la = model(x_adv[idx]) if idx is not None else None
+            loss = objective_loss(lf, targets, goal, config.objective, config.margin)
+            if idx is not None:
+                loss = loss + adversarial_loss(la, t_adv[idx], teacher[idx], config.adv_loss, config.kd_temperature)
+            if penalty is not None:
+                loss = loss + penalty(model)
+            if not torch.isfinite(loss):
+                raise NumericalError(f"the loss became {loss.item()} at step {steps}; nothing was written (try a smaller --lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            losses.append(float(loss.detach()))
+            progress.advance(1)
+            # λ adaptation: the importance penalty can hold the weights so firmly that the goal
+            # is never reached (paper, Table 4, k ≥ 64); halve λ when progress stalls.
+            if n_met > best_met:
+                best_met, since_best = n_met, 0
+            else:
+                since_best += 1
+            if penalty is not None and config.adapt_lambda and since_best >= config.stall_steps:
+                penalty.lam /= 2
+                since_best = 0
+                notes.append(f"step {steps}: no progress for {config.stall_steps} steps, λ halved to {penalty.lam:g}")
+    finally:
+        progress.finish()
+        model.eval()
+    with torch.no_grad():
+        final = model(images).float()
+    goal_met = bool(goal_mask(final, targets, goal).all())
+    seconds["updates"] = time.perf_counter() - t0
+    return UnlearnResult(
+        goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),
+        lam_final=penalty.lam if penalty is not None else None,
+        adv_attack_success=adv_success, notes=notes, loss_history=losses,
+    )

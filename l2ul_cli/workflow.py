@@ -1,0 +1,229 @@
+"""The library's front door: ``forget`` and ``relabel`` from paths to a written checkpoint and
+a report dict. The CLI calls exactly these; so do the benchmarks and the examples.
+
+Everything that can fail on input (paths, images, labels, output location) is checked before
+the first expensive step, and nothing is written unless the run succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .checkpoint import sha256_file, write_checkpoint
+from .config import DEFAULT_METHOD, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
+from .data import Sample, load_images, read_manifest, scan_folder
+from .errors import GoalNotMet, InputError, UsageError
+from .evaluate import accuracy, predict
+from .models import LoadedModel, load_model
+from .report import write_json
+from .unlearn import NullProgress, Progress, unlearn
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda (got '{device}')")
+    return torch.device(device)
+
+
+def default_output(checkpoint: Path, goal: str) -> Path:
+    """``<input stem>-<goal>.safetensors`` beside the input (for a folder: beside the folder)."""
+    stem = checkpoint.name if checkpoint.is_dir() else checkpoint.stem
+    return checkpoint.parent / f"{stem}-{goal}.safetensors"
+
+
+def check_output(out: Path, checkpoint: Path, force: bool, what: str = "output") -> None:
+    """Refuse, before any work, to write over the input or over an existing file."""
+    inputs = [checkpoint] + ([checkpoint / "model.safetensors", checkpoint / "pytorch_model.bin"] if checkpoint.is_dir() else [])
+    if any(out.exists() and i.exists() and os.path.samefile(out, i) for i in inputs) or \
+            any(out.resolve() == i.resolve() for i in inputs):
+        raise UsageError(f"{out}: the {what} would overwrite the input checkpoint; choose another --out")
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; --out needs a file name")
+    if out.exists() and not force:
+        raise InputError(f"{out}: already exists (use --force to replace it)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{out}: folder {folder} is not writable")
+
+
+def load_samples(loaded: LoadedModel, images: str | os.PathLike | None, manifest: str | os.PathLike | None,
+                 *, require_new_label: bool = False) -> list[Sample]:
+    if (images is None) == (manifest is None):
+        raise UsageError("give exactly one of --images or --manifest")
+    if images is not None:
+        return scan_folder(images, loaded.class_names, loaded.num_classes)
+    return read_manifest(manifest, loaded.class_names, loaded.num_classes, require_new_label=require_new_label)
+
+
+def _image_rows(loaded: LoadedModel, samples: Sequence[Sample], labels: torch.Tensor, before: torch.Tensor,
+                after: torch.Tensor, new: torch.Tensor | None) -> list[dict[str, Any]]:
+    rows = []
+    for i, s in enumerate(samples):
+        row = {
+            "path": str(s.path),
+            "label": loaded.class_name(int(labels[i])),
+            "label_source": "given" if s.label is not None else "prediction",
+            "before": loaded.class_name(int(before[i])),
+            "after": loaded.class_name(int(after[i])),
+        }
+        if new is not None:
+            row["new_label"] = loaded.class_name(int(new[i]))
+        rows.append(row)
+    return rows
+
+
+def run_request(
+    goal: Goal,
+    checkpoint: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    arch: str | None = None,
+    out: str | os.PathLike | None = None,
+    report_path: str | os.PathLike | None = None,
+    method: str = DEFAULT_METHOD,
+    device: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+    allow_partial: bool = False,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    attack: AttackConfig | None = None,
+    unlearn_overrides: dict[str, Any] | None = None,
+    request_id: str | None = None,
+    amp: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
+
+    Returns the report dict. Raises :class:`GoalNotMet` (after writing the report, and the
+    checkpoint only with ``allow_partial``) when the step cap is hit first.
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    progress = progress or NullProgress()
+    allowed = FORGET_METHODS if goal == "forget" else RELABEL_METHODS
+    if method not in allowed:
+        raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
+    cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
+    attack = attack or AttackConfig()
+    dev = resolve_device(device)
+    ckpt = Path(checkpoint)
+
+    t0 = time.perf_counter()
+    loaded = load_model(ckpt, arch, input_size=input_size, mean=mean, std=std, device=dev)
+    out_path = Path(out) if out is not None else default_output(ckpt, goal)
+    check_output(out_path, ckpt, force)
+    if report_path is not None:
+        check_output(Path(report_path), ckpt, True, "report")
+    samples = load_samples(loaded, images, manifest, require_new_label=goal == "relabel")
+    x = load_images(samples, loaded.preprocessing).to(dev)
+    seconds["load"] = time.perf_counter() - t0
+
+    model = loaded.model
+    before_logits = predict(model, [x], dev)
+    before_pred = before_logits.argmax(1)
+    labels = torch.tensor([s.label if s.label is not None else int(before_pred[i]) for i, s in enumerate(samples)])
+    new = None
+    if goal == "relabel":
+        new = torch.tensor([s.new_label for s in samples])
+        same = [s.source for i, s in enumerate(samples) if s.label is None and int(before_pred[i]) == s.new_label]
+        targets = new
+        before_key = "relabel_accuracy"
+        before_value = accuracy(before_logits, new)
+    else:
+        targets = labels
+        before_key = "forget_accuracy"
+        before_value = accuracy(before_logits, labels)
+
+    result = unlearn(
+        model, x, targets.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
+        attack_labels=labels.to(dev), seed=seed, amp=amp, progress=progress,
+    )
+    seconds.update(result.seconds)
+    after_pred = result.logits.argmax(1)
+    after_value = accuracy(result.logits, targets)
+
+    notes = list(result.notes)
+    if goal == "relabel" and same:
+        notes.append(f"{len(same)} image(s) were already predicted as their new label before the run")
+    report: dict[str, Any] = {
+        "command": goal,
+        "goal_met": result.goal_met,
+        "method": method,
+        "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        "seed": seed,
+        "arch": loaded.arch,
+        "n_images": len(samples),
+        "before": {before_key: before_value},
+        "after": {before_key: after_value},
+        "steps": result.steps,
+        "seconds": seconds,
+        "input": str(ckpt),
+        "input_sha256": loaded.source.sha256,
+        "output": None,
+        "output_sha256": None,
+        "adv_attack_success": result.adv_attack_success,
+        "lambda_final": result.lam_final,
+        "config": {"attack": asdict(attack), "unlearn": asdict(cfg)},
+        "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
+        "notes": notes,
+    }
+    # Both commands report accuracy against the current labels (the forget report's keys).
+    report["before"]["forget_accuracy"] = accuracy(before_logits, labels)
+    report["after"]["forget_accuracy"] = accuracy(result.logits, labels)
+    write_it = result.goal_met or allow_partial
+    if write_it:
+        t0 = time.perf_counter()
+        entry = {
+            "request_id": request_id or uuid.uuid4().hex[:12],
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": goal,
+            "method": method,
+            "n_images": len(samples),
+            "goal_met": result.goal_met,
+            "before": report["before"],
+            "after": report["after"],
+            "input_sha256": loaded.source.sha256,
+        }
+        loaded.ledger.append(entry)
+        meta = loaded.metadata()
+        report["output_sha256"] = write_checkpoint(out_path, loaded.state_dict(), meta)
+        report["output"] = str(out_path)
+        seconds["write"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    if report_path is not None:
+        write_json(report_path, report)
+    if not result.goal_met:
+        raise GoalNotMet(
+            f"goal not met after {result.steps} steps ({after_value:.1%} {'still correct' if goal == 'forget' else 'relabelled'}); "
+            + ("wrote the partial checkpoint" if allow_partial else "no checkpoint written (raise --max-steps or use --allow-partial)")
+        , report=report)
+    return report
+
+
+def forget(checkpoint: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Make the model misclassify every given image (NEGGRAD / ADV / ADV+IMP)."""
+    kwargs.setdefault("method", DEFAULT_METHOD)
+    return run_request("forget", checkpoint, **kwargs)
+
+
+def relabel(checkpoint: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Make the model predict each listed image's new label (CORRECT / ADV / ADV+IMP)."""
+    kwargs.setdefault("method", DEFAULT_METHOD)
+    return run_request("relabel", checkpoint, **kwargs)
