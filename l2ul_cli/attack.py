@@ -2,9 +2,10 @@
 
 Algorithm 1 of Cha et al. attacks each forget image N_adv times; here every copy of every image
 is one row of a single batch (chunked to fit memory), so the attack costs
-``ceil(k * N_adv / batch_size) * steps`` forward+backward passes and no Python work per copy.
-Gradients are taken with respect to the inputs only; the model's parameters, ``.grad`` fields
-and train/eval mode are left as they were.
+``ceil(k * N_adv / batch_size) * steps`` forward+backward passes and no Python work per copy
+in the steps. Each copy's random start comes from its own seed, so the result does not depend on
+the chunk size. Gradients are taken with respect to the inputs only; the model's parameters,
+``.grad`` fields and every module's train/eval mode are left as they were.
 """
 
 from __future__ import annotations
@@ -57,17 +58,27 @@ def pgd_l2_targeted(
     number of images finished after each chunk. ``autocast_dtype`` (e.g. bfloat16 on CUDA)
     runs forward/backward in reduced precision; the perturbation itself stays fp32.
     """
-    was_training = model.training
+    # Every module's own mode, so a model with e.g. frozen BatchNorm in training gets it back.
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     out = torch.empty_like(images)
+    n = images.shape[0]
+    if random_start and eps > 0:
+        # One seed and one radius per row, drawn up front: a row's random start does not depend
+        # on the chunk size (halved on CUDA out-of-memory), so a seeded run gives the same images.
+        row_seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+        radii = torch.rand((n,), generator=generator)
     try:
-        for start in range(0, images.shape[0], batch_size):
+        for start in range(0, n, batch_size):
             x = images[start:start + batch_size].detach().float()
             y = targets[start:start + batch_size]
             delta = torch.zeros_like(x)
             if random_start and eps > 0:
-                noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-                radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device="cpu").to(x.device)
+                rows = range(start, start + x.shape[0])
+                noise = torch.stack([
+                    torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(row_seeds[i])) for i in rows
+                ]).to(x.device)
+                radius = radii[start:start + x.shape[0]].view(-1, *([1] * (x.dim() - 1))).to(x.device)
                 delta = noise / _l2_norm(noise).clamp_min(1e-12) * radius * eps
                 delta = (x + delta).clamp(0, 1) - x
             for _ in range(steps):
@@ -87,7 +98,8 @@ def pgd_l2_targeted(
             if progress is not None:
                 progress(x.shape[0])
     finally:
-        model.train(was_training)
+        for m, mode in modes:  # parents first (modules() order), so each module ends as it was
+            m.train(mode)
     return out
 
 

@@ -12,11 +12,9 @@ ledger of earlier requests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, InputError
+from .files import atomic_write, sha256_file
 
 META_KEY = "l2ul"
 META_VERSION = 1
@@ -40,14 +39,6 @@ class RawCheckpoint:
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -180,28 +171,6 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     if not sd:
         raise CheckpointError(f"{p}: holds no tensors")
     return RawCheckpoint(path=p, state_dict=sd, meta=meta, sha256=digest)
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` and move the result into place only if it succeeded."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise InputError(f"{target}: cannot write in {folder} ({exc.strerror})") from exc
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:

@@ -140,6 +140,7 @@ BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during 
 ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="Override the method's objective: ce (paper) or margin (bounded).")]
 AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
+EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="Labelled held-out images to evaluate before and after (accuracy in the report).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (everything else on stderr).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
@@ -147,7 +148,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report, method, device, seed, force,
              allow_partial, input_size, mean, std, eps, n_adv, attack_steps, attack_step_size, per_copy_targets,
-             lr, lam, max_steps, bn, objective, adv_loss, request_id, json_out, quiet, debug) -> None:
+             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, json_out, quiet, debug) -> None:
     from .workflow import run_request
 
     err = _stderr()
@@ -164,7 +165,7 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
                 unlearn_overrides={"lr": lr, "lam": lam, "max_steps": max_steps, "bn": bn.value if bn else None,
                                    "objective": objective.value if objective else None,
                                    "adv_loss": adv_loss.value if adv_loss else None},
-                request_id=request_id, progress=progress,
+                request_id=request_id, eval_images=eval_images, progress=progress,
             )
         except GoalNotMet as exc:
             _show(exc.report, json_out, quiet)
@@ -215,6 +216,7 @@ def forget(
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
     request_id: RequestOpt = None,
+    eval_images: EvalOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -225,7 +227,7 @@ def forget(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             json_out=json_out, quiet=quiet, debug=debug)
+             eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command()
@@ -255,6 +257,7 @@ def relabel(
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
     request_id: RequestOpt = None,
+    eval_images: EvalOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -265,7 +268,43 @@ def relabel(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             json_out=json_out, quiet=quiet, debug=debug)
+             eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: CheckpointArg,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Labelled images: class sub-folders.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="CSV with columns path,label instead of --images.")] = None,
+    arch: ArchOpt = None,
+    report: ReportOpt = None,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second checkpoint to run on the same images.")] = None,
+    forget_set: Annotated[Optional[Path], typer.Option("--forget", help="Unlearned images (folder or CSV): membership inference against --images as held-out data.")] = None,
+    device: DeviceOpt = Device.auto,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Accuracy, top-5, per-class accuracy and confusion of a checkpoint on labelled images."""
+    from .report import render_eval, write_json
+    from .workflow import evaluate_checkpoint
+
+    def body():
+        r = evaluate_checkpoint(checkpoint, images=images, manifest=manifest, arch=arch, device=device.value,
+                                compare=compare, forget_set=forget_set, input_size=_ints(input_size, "--input-size"),
+                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+        if report is not None:
+            write_json(report, r)
+        return r
+
+    r = _run(body, debug)
+    if json_out:
+        typer.echo(to_json(r))
+    if not quiet:
+        render_eval(r, _stderr() if json_out else Console())
 
 
 def _version(value: bool) -> None:

@@ -43,6 +43,7 @@ class UnlearnConfig:
     bn: BNMode = "eval"  # eval: BatchNorm statistics frozen; train: as the reference code
     margin: float = 1.0  # logit margin of the bounded objective
     kd_temperature: float = 1.0
+    adv_weight: float = 1.0  # weight of the adversarial term (paper: 1)
     adv_batch_size: int = 256  # adversarial rows per update step
     adapt_lambda: bool = True  # halve λ when progress stalls, so the goal is reached (relabel)
     stall_steps: int = 50

@@ -76,7 +76,11 @@ def scan_folder(root: str | os.PathLike, class_names: Sequence[str] | None, num_
         raise InputError(f"{root}: folder not found")
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    flat = sorted((p for p in root.iterdir() if p.is_file() and is_image(p)), key=lambda p: _natural_key(p.name))
+    # Hidden files (macOS "._x.png" AppleDouble files) are skipped here as in class sub-folders.
+    flat = sorted(
+        (p for p in root.iterdir() if p.is_file() and is_image(p) and not p.name.startswith(".")),
+        key=lambda p: _natural_key(p.name),
+    )
     subdirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural_key(p.name))
     samples: list[Sample] = []
     for d in subdirs:

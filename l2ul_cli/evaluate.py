@@ -109,7 +109,7 @@ def streisand(before_labels: torch.Tensor, after_pred: torch.Tensor, num_classes
     counts = torch.bincount(moved, minlength=num_classes).double()
     p = counts / counts.sum()
     nz = p[p > 0]
-    ent = float(-(nz * nz.log()).sum())
+    ent = max(0.0, float(-(nz * nz.log()).sum()))
     k_eff = min(num_classes - 1, int(moved.numel()))
     ent_norm = ent / math.log(k_eff) if k_eff > 1 else float("nan")
     expected = torch.zeros(num_classes, dtype=torch.double)

@@ -28,7 +28,8 @@ def mas_importance(
     """Raw MAS importance per parameter tensor (same shapes as the parameters)."""
     from torch.func import functional_call, grad, vmap
 
-    was_training = model.training
+    # Every module's own mode, so a model with e.g. frozen BatchNorm in training gets it back.
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     params = {n: p.detach() for n, p in _trainable(model).items()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -60,7 +61,8 @@ def mas_importance(
             if progress is not None:
                 progress(x.shape[0])
     finally:
-        model.train(was_training)
+        for m, mode in modes:  # parents first (modules() order), so each module ends as it was
+            m.train(mode)
     return {n: t / images.shape[0] for n, t in total.items()}
 
 

@@ -267,7 +267,10 @@ def load_model(
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
     pre = resolve_preprocessing(net, in_chans, meta.get("preprocessing"), input_size=input_size, mean=mean, std=std)
-    model = PixelClassifier(net, pre.mean, pre.std).to(device)
+    # eval() on the wrapper too: a fresh nn.Module is in training mode, and code that saves and
+    # restores ``model.training`` (predict, the attack, MAS) would otherwise put the net back in
+    # training mode (BatchNorm on batch statistics) afterwards.
+    model = PixelClassifier(net, pre.mean, pre.std).to(device).eval()
     ledger = meta.get("ledger") if isinstance(meta.get("ledger"), list) else []
     return LoadedModel(
         model=model, arch=arch, num_classes=num_classes, in_chans=in_chans,

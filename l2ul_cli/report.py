@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 def _clean(obj: Any) -> Any:
@@ -69,3 +69,32 @@ def render_run(report: dict[str, Any], console: Console) -> None:
     else:
         where = f"wrote {report['output']} (--allow-partial)" if report.get("output") else "no checkpoint written"
         console.print(f"[red]goal not met[/] after {report['steps']} steps · {where}")
+
+
+def render_eval(report: dict[str, Any], console: Console) -> None:
+    """Terminal summary of ``eval``."""
+    table = Table(title=f"l2ul eval · {report['arch']} · {report['n_images']} images · {report['device']}", header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("top-1 accuracy", _pct(report["accuracy"]))
+    table.add_row("top-5 accuracy", _pct(report["top5_accuracy"]))
+    if "compare" in report:
+        c = report["compare"]
+        table.add_row(f"accuracy of {Path(c['checkpoint']).name}", _pct(c["accuracy"]))
+        table.add_row("prediction agreement", _pct(c["agreement"]))
+        table.add_row("images whose prediction changed", str(len(c["changed"])))
+    if "mia" in report:
+        table.add_row("forget images: accuracy", _pct(report["forget"]["forget_accuracy"]))
+        table.add_row("MIA loss AUC (0.5 = indistinguishable)", f"{report['mia']['loss_auc']:.3f}")
+        table.add_row("MIA confidence AUC", f"{report['mia']['confidence_auc']:.3f}")
+        s = report["forget"]["streisand"]
+        if s.get("n"):
+            table.add_row("new labels: normalised entropy / top share", f"{s['entropy']:.2f} / {_pct(s['max_share'])}")
+    console.print(table)
+    pc = Table(title="per class", header_style="bold")
+    pc.add_column("class")
+    pc.add_column("accuracy", justify="right")
+    pc.add_column("n", justify="right")
+    for name, v in report["per_class"].items():
+        pc.add_row(name, _pct(v["accuracy"]), str(v["n"]))
+    console.print(pc)

@@ -208,7 +208,7 @@ def unlearn(
                 la = model(x_adv[idx]) if idx is not None else None
             loss = objective_loss(lf, targets, goal, config.objective, config.margin)
             if idx is not None:
-                loss = loss + adversarial_loss(la, t_adv[idx], teacher[idx], config.adv_loss, config.kd_temperature)
+                loss = loss + config.adv_weight * adversarial_loss(la, t_adv[idx], teacher[idx], config.adv_loss, config.kd_temperature)
             if penalty is not None:
                 loss = loss + penalty(model)
             if not torch.isfinite(loss):

@@ -106,6 +106,7 @@ def run_request(
     attack: AttackConfig | None = None,
     unlearn_overrides: dict[str, Any] | None = None,
     request_id: str | None = None,
+    eval_images: str | os.PathLike | None = None,
     amp: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -136,6 +137,7 @@ def run_request(
     seconds["load"] = time.perf_counter() - t0
 
     model = loaded.model
+    eval_before = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded) if eval_images else None
     before_logits = predict(model, [x], dev)
     before_pred = before_logits.argmax(1)
     labels = torch.tensor([s.label if s.label is not None else int(before_pred[i]) for i, s in enumerate(samples)])
@@ -184,6 +186,11 @@ def run_request(
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }
+    if eval_before is not None:
+        eval_after = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded)
+        report["eval"] = {"images": str(eval_images), "before": eval_before, "after": eval_after}
+        report["before"]["accuracy"] = eval_before["accuracy"]
+        report["after"]["accuracy"] = eval_after["accuracy"]
     # Both commands report accuracy against the current labels (the forget report's keys).
     report["before"]["forget_accuracy"] = accuracy(before_logits, labels)
     report["after"]["forget_accuracy"] = accuracy(result.logits, labels)
@@ -227,3 +234,72 @@ def relabel(checkpoint: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
     """Make the model predict each listed image's new label (CORRECT / ADV / ADV+IMP)."""
     kwargs.setdefault("method", DEFAULT_METHOD)
     return run_request("relabel", checkpoint, **kwargs)
+
+
+def _labelled(samples: Sequence[Sample], what: str) -> torch.Tensor:
+    missing = [s.source for s in samples if s.label is None]
+    if missing:
+        raise InputError(f"{missing[0]}: {what} needs labelled images (class sub-folders, or a manifest 'label' column)")
+    return torch.tensor([s.label for s in samples])
+
+
+def _logits(loaded: LoadedModel, samples: Sequence[Sample], dev: torch.device, batch_size: int = 256) -> torch.Tensor:
+    from .data import iter_batches
+
+    return predict(loaded.model, iter_batches(samples, loaded.preprocessing, batch_size), dev)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    arch: str | None = None,
+    device: str = "auto",
+    compare: str | os.PathLike | None = None,
+    forget_set: str | os.PathLike | None = None,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    loaded: LoadedModel | None = None,
+) -> dict[str, Any]:
+    """Metrics of a checkpoint on labelled images; optionally against another checkpoint
+    (``compare``) and with a membership-inference check of unlearned images (``forget_set``,
+    with ``images`` as the held-out data)."""
+    from .evaluate import membership_inference, streisand, summarize
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    if loaded is None:
+        loaded = load_model(checkpoint, arch, input_size=input_size, mean=mean, std=std, device=dev)
+    samples = load_samples(loaded, images, manifest)
+    labels = _labelled(samples, "evaluation")
+    logits = _logits(loaded, samples, dev)
+    report: dict[str, Any] = {"command": "eval", "checkpoint": str(checkpoint), "arch": loaded.arch,
+                              "device": str(dev), **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
+    if compare is not None:
+        other = load_model(compare, arch, input_size=input_size, mean=mean, std=std, device=dev)
+        if other.num_classes != loaded.num_classes:
+            raise InputError(f"{compare}: has {other.num_classes} classes, {checkpoint} has {loaded.num_classes}")
+        o_logits = _logits(other, samples, dev)
+        pred, o_pred = logits.argmax(1), o_logits.argmax(1)
+        changed = (pred != o_pred).nonzero().flatten().tolist()
+        report["compare"] = {
+            "checkpoint": str(compare),
+            "accuracy": accuracy(o_logits, labels),
+            "agreement": float((pred == o_pred).float().mean()),
+            "changed": [{"path": str(samples[i].path), "label": loaded.class_name(int(labels[i])),
+                         "this": loaded.class_name(int(pred[i])), "other": loaded.class_name(int(o_pred[i]))}
+                        for i in changed],
+        }
+    if forget_set is not None:
+        p = Path(forget_set)
+        f_samples = scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else \
+            read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=False)
+        f_labels = _labelled(f_samples, "--forget")
+        f_logits = _logits(loaded, f_samples, dev)
+        report["forget"] = {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
+                            "streisand": streisand(f_labels, f_logits.argmax(1), loaded.num_classes)}
+        report["mia"] = membership_inference(f_logits, f_labels, logits, labels)
+    report["seconds"] = {"total": time.perf_counter() - t0}
+    return report

@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmarks: Fashion-MNIST tensors, the cached ResNet-18, and metrics.
+
+The model is trained once per recipe (seeded) and cached under ``benchmarks/.cache`` as an l2ul
+checkpoint, so every benchmark loads it exactly as a user's checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from l2ul_cli.checkpoint import write_checkpoint
+from l2ul_cli.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from l2ul_cli.evaluate import accuracy, membership_inference, predict
+from l2ul_cli.models import LoadedModel, build_network, load_model
+
+CACHE = Path(__file__).parent / ".cache"
+MEAN, STD = 0.2860, 0.3530
+
+
+def fmnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = load_fashion_mnist(split)
+    return torch.from_numpy(x.copy()).float().div_(255).unsqueeze(1), torch.from_numpy(y.copy()).long()
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import os
+
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "resnet18") -> tuple[Path, dict]:
+    """SGD + one-cycle recipe (like the paper's pre-trained models: SGD-trained), cached."""
+    path = CACHE / f"fmnist-{arch}-e{epochs}-s{seed}.safetensors"
+    if path.exists():
+        return path, {}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    x, y = fmnist("train")
+    xt, yt = fmnist("test")
+    net = build_network(arch, 10, 1).to(dev).to(memory_format=torch.channels_last)
+    bs = 256
+    steps = epochs * (len(y) // bs)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    xd, yd = x.to(dev), y.to(dev)
+    amp = dev.type == "cuda"
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(y), generator=g).to(dev)
+        for i in range(len(y) // bs):
+            idx = perm[i * bs:(i + 1) * bs]
+            xb = xd[idx]
+            # light augmentation: random horizontal flip and a 2-pixel shift
+            flip = torch.rand(len(idx), device=dev) < 0.5
+            xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb)
+            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(net((xb - MEAN) / STD), yd[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    seconds = time.perf_counter() - t0
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(((xt[i:i + 1000].to(dev)) - MEAN) / STD).float().cpu() for i in range(0, len(yt), 1000)])
+    acc = accuracy(logits, yt)
+    info = {"epochs": epochs, "seconds": seconds, "test_accuracy": acc, "device": device_name(dev)}
+    write_checkpoint(path, net.state_dict(), {
+        "arch": arch, "num_classes": 10, "in_chans": 1, "class_names": FASHION_MNIST_CLASSES,
+        "preprocessing": {"input_size": [1, 28, 28], "mean": [MEAN], "std": [STD], "crop_pct": 1.0, "interpolation": "bilinear"},
+        "ledger": [], "training": info,
+    })
+    return path, info
+
+
+class Evaluator:
+    """D_r (a fixed 10,000-image subset of the remaining training images), D_test, MIA."""
+
+    def __init__(self, dev: torch.device, seed: int = 1234, n_remaining: int = 10_000):
+        self.dev = dev
+        self.x, self.y = fmnist("train")
+        self.xt, self.yt = fmnist("test")
+        self.remaining_pool = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(seed))[:n_remaining]
+
+    def metrics(self, loaded: LoadedModel, forget_idx: torch.Tensor, forget_targets: torch.Tensor, goal: str) -> dict:
+        model = loaded.model
+        keep = self.remaining_pool[~torch.isin(self.remaining_pool, forget_idx)]
+        lf = predict(model, [self.x[forget_idx]], self.dev)
+        lr = predict(model, self.x[keep].split(2000), self.dev)
+        lt = predict(model, self.xt.split(2000), self.dev)
+        f_acc = accuracy(lf, forget_targets) if goal == "relabel" else accuracy(lf, self.y[forget_idx])
+        mia = membership_inference(lf, self.y[forget_idx], lt, self.yt)
+        return {"D_f": f_acc, "D_r": accuracy(lr, self.y[keep]), "D_test": accuracy(lt, self.yt), "mia_auc": mia["loss_auc"]}
+
+
+def fresh(path: Path, dev: torch.device) -> LoadedModel:
+    return load_model(path, device=dev)

@@ -1,0 +1,196 @@
+"""Quality benchmark on Fashion-MNIST (paper Tables 2, 3, 5 on data available offline).
+
+Runs forget (misclassify) and relabel for k random training images, each method, several seeds,
+plus continual forgetting (8 per request) and an oracle that also sees remaining data; prints a
+table per experiment and writes it to benchmarks/RESULTS.md.
+
+    python benchmarks/quality.py                    # CUDA: full settings
+    python benchmarks/quality.py --quick            # 2 CPU cores: small k, fewer attack steps (flagged)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import Evaluator, device_name, fresh, train_resnet18  # noqa: E402
+
+from l2ul_cli.config import AttackConfig, preset  # noqa: E402
+from l2ul_cli.evaluate import accuracy, predict  # noqa: E402
+from l2ul_cli.unlearn import objective_loss, unlearn  # noqa: E402
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def pick(n_train: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(10_000 + seed))[:k]
+
+
+def new_labels(y: torch.Tensor, seed: int) -> torch.Tensor:
+    off = torch.randint(1, 10, y.shape, generator=torch.Generator().manual_seed(20_000 + seed))
+    return (y + off) % 10
+
+
+def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack: AttackConfig, overrides: dict) -> dict:
+    loaded = fresh(ckpt, dev)
+    idx = pick(len(ev.y), k, seed)
+    x, y = ev.x[idx].to(dev), ev.y[idx]
+    targets = new_labels(y, seed) if goal == "relabel" else y
+    cfg = preset(method, **overrides)
+    t0 = time.perf_counter()
+    r = unlearn(loaded.model, x, targets.to(dev), goal=goal, num_classes=10, config=cfg, attack=attack,
+                attack_labels=y.to(dev), seed=seed)
+    wall = time.perf_counter() - t0
+    m = ev.metrics(loaded, idx, targets, goal)
+    return {**m, "steps": r.steps, "seconds": wall, "goal_met": r.goal_met, **{f"t_{k}": v for k, v in r.seconds.items()}}
+
+
+def oracle_cell(ckpt, ev: Evaluator, dev, goal, k, seed, max_steps=500) -> dict:
+    """L_UL + CE on remaining data (D_r available): the ceiling the paper reports as oracle."""
+    loaded = fresh(ckpt, dev)
+    model = loaded.model
+    idx = pick(len(ev.y), k, seed)
+    x, y = ev.x[idx].to(dev), ev.y[idx].to(dev)
+    targets = new_labels(y.cpu(), seed).to(dev) if goal == "relabel" else y
+    rest = torch.ones(len(ev.y), dtype=torch.bool)
+    rest[idx] = False
+    xr, yr = ev.x[rest], ev.y[rest]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-5)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    steps = 0
+    model.eval()
+    while steps < max_steps:
+        lf = model(x)
+        done = (lf.argmax(1) != targets).all() if goal == "forget" else (lf.argmax(1) == targets).all()
+        if done:
+            break
+        b = torch.randint(0, len(yr), (128,), generator=g)
+        loss = objective_loss(lf, targets, goal, "ce", 0.0) + F.cross_entropy(model(xr[b].to(dev)), yr[b].to(dev))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    m = ev.metrics(loaded, idx.cpu(), targets.cpu(), goal)
+    return {**m, "steps": steps, "seconds": time.perf_counter() - t0, "goal_met": True}
+
+
+def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack, overrides) -> list[dict]:
+    """Forget ``per`` images at a time, each request on the previous model (paper Table 5)."""
+    loaded = fresh(ckpt, dev)
+    idx_all = pick(len(ev.y), total, seed)
+    rows = []
+    cfg = preset(method, **overrides)
+    for r_i in range(total // per):
+        idx = idx_all[r_i * per:(r_i + 1) * per]
+        res = unlearn(loaded.model, ev.x[idx].to(dev), ev.y[idx].to(dev), goal="forget", num_classes=10,
+                      config=cfg, attack=attack, seed=seed + r_i)
+        seen = idx_all[:(r_i + 1) * per]
+        m = ev.metrics(loaded, seen, ev.y[seen], "forget")
+        rows.append({"k": len(seen), **m, "steps": res.steps})
+    return rows
+
+
+def fmt(vals: list[float], pct: bool = True) -> str:
+    if not vals:
+        return "–"
+    s = 100.0 if pct else 1.0
+    if len(vals) == 1:
+        return f"{vals[0] * s:.1f}" if pct else f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals) * s:.1f} ± {statistics.stdev(vals) * s:.1f}" if pct else \
+        f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def table(title: str, cells: dict, ks: list[int], before: dict, note: str) -> str:
+    lines = [f"### {title}", "", note, "",
+             "| method | k | D_f | D_r | D_test | MIA AUC | steps | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines.append(f"| BEFORE | – | – | {before['D_r'] * 100:.1f} | {before['D_test'] * 100:.1f} | – | – | – |")
+    for (method, k), runs in cells.items():
+        def col(key, pct=True):
+            return fmt([r[key] for r in runs], pct)
+        met = sum(r["goal_met"] for r in runs)
+        lines.append(f"| {method} | {k} | {col('D_f')} | {col('D_r')} | {col('D_test')} | {col('mia_auc', False)} | "
+                     f"{col('steps', False)} | {col('seconds', False)} |" + ("" if met == len(runs) else f" goal met {met}/{len(runs)}"))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="CPU-sized: fewer epochs, k, attack steps and copies")
+    ap.add_argument("--ks", type=int, nargs="*")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--forget-methods", nargs="*", default=["neggrad", "adv", "adv+imp", "l2ul"])
+    ap.add_argument("--relabel-methods", nargs="*", default=["correct", "adv", "adv+imp", "l2ul"])
+    ap.add_argument("--experiments", nargs="*", default=["forget", "relabel", "continual", "oracle"])
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--n-adv", type=int, default=None)
+    ap.add_argument("--attack-steps", type=int, default=None)
+    ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig overrides for every method, e.g. lr=1e-4")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    quick = args.quick or dev.type == "cpu"
+    epochs = args.epochs or (3 if quick else 15)
+    ks = args.ks or ([4, 16] if quick else [4, 16, 64, 128])
+    seeds = args.seeds or (1 if quick else 3)
+    attack = AttackConfig(n_adv=args.n_adv or (5 if quick else 20), steps=args.attack_steps or (20 if quick else 100))
+    overrides = {}
+    for kv in args.set:
+        key, val = kv.split("=")
+        overrides[key] = type(getattr(preset("l2ul"), key))(val) if key not in ("bn", "objective", "adv_loss") else val
+
+    ckpt, info = train_resnet18(dev, epochs)
+    ev = Evaluator(dev)
+    base = fresh(ckpt, dev)
+    lt = predict(base.model, ev.xt.split(2000), dev)
+    lr_ = predict(base.model, ev.x[ev.remaining_pool].split(2000), dev)
+    before = {"D_r": accuracy(lr_, ev.y[ev.remaining_pool]), "D_test": accuracy(lt, ev.yt)}
+    header = (f"## Quality on Fashion-MNIST · ResNet-18 · {device_name(dev)}\n\n"
+              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Model: timm resnet18 (in_chans=1), "
+              f"{epochs} epochs of SGD{' (CPU recipe, smaller than the GPU one)' if quick else ''}, test accuracy "
+              f"{before['D_test'] * 100:.2f}%. D_r: a fixed 10,000-image subset of the remaining training images; "
+              f"D_test: the 10,000 test images; MIA: loss-attack AUC, forget vs test images. Attack: N_adv={attack.n_adv}, "
+              f"{attack.steps} PGD steps, eps={attack.eps}. {seeds} seed(s); mean ± std. Overrides: {overrides or 'none'}.\n")
+    print(header)
+    out = [header]
+    for goal, methods in (("forget", args.forget_methods), ("relabel", args.relabel_methods)):
+        if goal not in args.experiments:
+            continue
+        cells = {}
+        for method in methods:
+            for k in ks:
+                cells[(method, k)] = [run_cell(ckpt, ev, dev, goal, method, k, s, attack, overrides) for s in range(seeds)]
+                print(method, k, cells[(method, k)], flush=True)
+        if "oracle" in args.experiments:
+            for k in ks:
+                cells[("oracle (uses D_r)", k)] = [oracle_cell(ckpt, ev, dev, goal, k, s) for s in range(seeds)]
+        t = table(f"{goal}: D_f = {'accuracy on the forget images (goal 0)' if goal == 'forget' else 'share predicted as the new label (goal 100)'}",
+                  cells, ks, before, "")
+        print(t)
+        out.append(t)
+    if "continual" in args.experiments:
+        total = 32 if quick else 128
+        lines = ["### continual: 8 images per request, each on the previous output", "",
+                 "| method | k so far | D_f (all so far) | D_r | D_test | steps |", "|---|---|---|---|---|---|"]
+        for method in args.forget_methods:
+            for row in continual(ckpt, ev, dev, method, total, 8, 0, attack, overrides):
+                lines.append(f"| {method} | {row['k']} | {row['D_f'] * 100:.1f} | {row['D_r'] * 100:.1f} | {row['D_test'] * 100:.1f} | {row['steps']} |")
+        t = "\n".join(lines) + "\n"
+        print(t)
+        out.append(t)
+    if not args.no_write:
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+complete --command l2ul --no-files --arguments "(env _L2UL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) l2ul)" --condition "env _L2UL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) l2ul"

@@ -1,0 +1,243 @@
+"""The command line as users and outside checks call it: exit codes, files, JSON keys."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from l2ul_cli.cli import app
+
+FAST = ["--n-adv", "4", "--attack-steps", "10", "--device", "cpu", "-q"]
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1, result.stderr
+    assert err[0].startswith("error:")
+    assert "Traceback" not in result.output
+    return err[0]
+
+
+def test_forget_writes_checkpoint_and_report(digits_checkpoint, forget_dir, tmp_path):
+    before = sha(digits_checkpoint)
+    out, rep = tmp_path / "out.safetensors", tmp_path / "report.json"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep, *FAST)
+    assert r.exit_code == 0, r.output
+    assert sha(digits_checkpoint) == before  # the input is never changed
+    report = json.loads(rep.read_text())
+    for key in ("goal_met", "before", "after", "steps", "seconds", "method", "device", "input_sha256", "output_sha256"):
+        assert key in report
+    assert report["goal_met"] is True
+    assert report["before"]["forget_accuracy"] == 1.0
+    assert report["after"]["forget_accuracy"] == 0.0
+    assert report["method"] == "adv+imp"
+    assert report["device"] == "cpu"
+    assert isinstance(report["steps"], int) and report["steps"] >= 1
+    assert all(isinstance(v, float) for v in report["seconds"].values())
+    assert {"attack", "importance", "updates"} <= set(report["seconds"])
+    assert report["input_sha256"] == before
+    assert report["output_sha256"] == sha(out)
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["l2ul"])
+    assert meta["arch"] == "test_resnet"
+    assert meta["class_names"][3] == "three"
+    assert meta["preprocessing"]["input_size"] == [1, 16, 16]
+    assert meta["ledger"][-1]["command"] == "forget"
+
+
+def test_forgotten_images_are_misclassified_by_the_written_model(digits_checkpoint, forget_dir, tmp_path):
+    out = tmp_path / "o.safetensors"
+    assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, *FAST).exit_code == 0
+    rep = tmp_path / "e.json"
+    r = run("eval", out, "--images", forget_dir, "--report", rep, "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(rep.read_text())["accuracy"] == 0.0
+
+
+def test_default_output_name_and_refusal_to_overwrite(digits_checkpoint, forget_dir, tmp_path):
+    ck = tmp_path / "m.safetensors"
+    ck.write_bytes(digits_checkpoint.read_bytes())
+    assert run("forget", ck, "--images", forget_dir, *FAST).exit_code == 0
+    out = tmp_path / "m-forget.safetensors"
+    assert out.exists()
+    stamp = sha(out)
+    r = run("forget", ck, "--images", forget_dir, *FAST)
+    assert r.exit_code == 1
+    assert "already exists" in one_error_line(r)
+    assert sha(out) == stamp
+    assert run("forget", ck, "--images", forget_dir, "--force", *FAST).exit_code == 0
+
+
+def test_output_equal_to_input_is_refused_even_with_force(digits_checkpoint, forget_dir):
+    before = sha(digits_checkpoint)
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", digits_checkpoint, "--force", *FAST)
+    assert r.exit_code == 2
+    assert "overwrite the input" in one_error_line(r)
+    assert sha(digits_checkpoint) == before
+
+
+def test_goal_not_met_writes_no_checkpoint_unless_allowed(digits_checkpoint, forget_dir, tmp_path):
+    out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep, "--max-steps", "0", *FAST)
+    assert r.exit_code == 3
+    assert not out.exists()
+    report = json.loads(rep.read_text())
+    assert report["goal_met"] is False and report["output"] is None
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--max-steps", "0", "--allow-partial", *FAST)
+    assert r.exit_code == 3
+    assert out.exists()
+
+
+def test_flat_folder_forgets_current_predictions(digits_checkpoint, digits, tmp_path):
+    from conftest import write_pngs
+
+    u8, y = digits
+    flat = write_pngs(tmp_path / "flat", u8, y, [5, 6, 7, 8], by_class=False)
+    rep = tmp_path / "r.json"
+    r = run("forget", digits_checkpoint, "--images", flat, "--out", tmp_path / "o.safetensors", "--report", rep, *FAST)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["before"]["forget_accuracy"] == 1.0  # labels are the model's own predictions
+    assert {row["label_source"] for row in report["images"]} == {"prediction"}
+
+
+def test_json_goes_to_stdout(digits_checkpoint, forget_dir, tmp_path):
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--json", *FAST)
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["goal_met"] is True
+
+
+@pytest.mark.parametrize("method", ["neggrad", "adv", "l2ul"])
+def test_every_forget_method_meets_the_goal(method, digits_checkpoint, forget_dir, tmp_path):
+    rep = tmp_path / "r.json"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors",
+            "--report", rep, "--method", method, *FAST)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["method"] == method and report["after"]["forget_accuracy"] == 0.0
+
+
+def test_same_seed_same_bytes_on_cpu(digits_checkpoint, forget_dir, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", a, "--seed", "3", *FAST).exit_code == 0
+    assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", b, "--seed", "3", *FAST).exit_code == 0
+    assert sha(a) == sha(b)
+
+
+def test_pickle_checkpoint_with_prefixes_and_index_folders(digits_checkpoint, digits, tmp_path):
+    from conftest import write_pngs
+    from l2ul_cli.checkpoint import read_checkpoint
+
+    sd = read_checkpoint(digits_checkpoint).state_dict
+    pt = tmp_path / "m.pth"
+    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}, "epoch": 3}, pt)
+    u8, y = digits
+    # No class names in a plain .pth: folders are class indices; "7" alone is class 7.
+    idx = [i for i in range(200) if int(y[i]) == 7][:3]
+    images = write_pngs(tmp_path / "byindex", u8, y, idx, names=[str(i) for i in range(10)])
+    rep = tmp_path / "r.json"
+    r = run("forget", pt, "--images", images, "--arch", "test_resnet", "--input-size", "16,16",
+            "--mean", "0.5", "--std", "0.5", "--out", tmp_path / "o.safetensors", "--report", rep, *FAST)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert {row["label"] for row in report["images"]} == {"7"}
+    assert report["before"]["forget_accuracy"] == 1.0 and report["goal_met"] is True
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/l2ul-evil-marker"),))
+
+
+def test_unsafe_pickle_is_refused_and_never_runs(forget_dir, tmp_path):
+    marker = Path("/tmp/l2ul-evil-marker")
+    marker.unlink(missing_ok=True)
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"state_dict": _Evil()}))
+    r = run("forget", bad, "--images", forget_dir, "--arch", "test_resnet", *FAST)
+    assert r.exit_code == 1
+    assert "refused" in one_error_line(r)
+    assert not marker.exists()
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("case", ["missing_checkpoint", "missing_folder", "empty_folder", "no_images", "unknown_class", "wrong_arch", "empty_file"])
+def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forget_dir, tmp_path):
+    ck, images, extra = digits_checkpoint, forget_dir, []
+    if case == "missing_checkpoint":
+        ck = tmp_path / "nope.safetensors"
+    elif case == "missing_folder":
+        images = tmp_path / "nope"
+    elif case == "empty_folder":
+        images = tmp_path / "empty"
+        images.mkdir()
+    elif case == "no_images":
+        images = tmp_path / "txt"
+        images.mkdir()
+        (images / "a.txt").write_text("x")
+    elif case == "unknown_class":
+        images = tmp_path / "unk"
+        (images / "eleven").mkdir(parents=True)
+        (images / "eleven" / "a.png").write_bytes((forget_dir / "three").iterdir().__next__().read_bytes())
+    elif case == "wrong_arch":
+        extra = ["--arch", "test_efficientnet"]
+    elif case == "empty_file":
+        ck = tmp_path / "empty.safetensors"
+        ck.write_bytes(b"")
+    out = tmp_path / "out.safetensors"
+    r = run("forget", ck, "--images", images, "--out", out, *extra, *FAST)
+    assert r.exit_code in (1, 2)
+    line = one_error_line(r)
+    assert len(line) < 400
+    assert not out.exists()
+
+
+def test_relabel_from_manifest(digits_checkpoint, digits, tmp_path):
+    from conftest import DIGIT_NAMES, write_pngs
+
+    u8, y = digits
+    idx = [11, 22, 33, 44]
+    write_pngs(tmp_path / "imgs", u8, y, idx, by_class=False)
+    rows = ["path,new_label,label"] + [f"imgs/img-{i:04d}.png,{DIGIT_NAMES[(int(y[i]) + 1) % 10]},{DIGIT_NAMES[int(y[i])]}" for i in idx]
+    (tmp_path / "fixes.csv").write_text("\ufeff" + "\n".join(rows) + "\n\n")
+    rep = tmp_path / "r.json"
+    r = run("relabel", digits_checkpoint, "--manifest", tmp_path / "fixes.csv", "--out", tmp_path / "o.safetensors",
+            "--report", rep, *FAST)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["before"]["relabel_accuracy"] == 0.0
+    assert report["after"]["relabel_accuracy"] == 1.0
+    assert report["goal_met"] is True
+    assert [row["after"] for row in report["images"]] == [row["new_label"] for row in report["images"]]
+
+
+def test_eval_metrics_compare_and_mia(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    out = tmp_path / "o.safetensors"
+    assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, *FAST).exit_code == 0
+    rep = tmp_path / "e.json"
+    r = run("eval", out, "--images", heldout_dir, "--compare", digits_checkpoint, "--forget", forget_dir,
+            "--report", rep, "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert 0.0 <= report["accuracy"] <= report["top5_accuracy"] <= 1.0
+    assert report["n_images"] == 297
+    assert set(report["per_class"]) <= set(__import__("conftest").DIGIT_NAMES)
+    assert report["forget"]["forget_accuracy"] == 0.0
+    assert set(report["mia"]) == {"loss_auc", "confidence_auc"}
+    assert 0.0 <= report["compare"]["agreement"] <= 1.0
+    assert len(report["compare"]["changed"]) == round((1 - report["compare"]["agreement"]) * 297)
