@@ -140,6 +140,8 @@ BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during 
 ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="Override the method's objective: ce (paper) or margin (bounded).")]
 AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
+KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
+RecordPathsOpt = Annotated[bool, typer.Option("--record-paths", help="Record image paths in the checkpoint's ledger (by default only their SHA-256).")]
 EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="Labelled held-out images to evaluate before and after (accuracy in the report).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (everything else on stderr).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
@@ -148,7 +150,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report, method, device, seed, force,
              allow_partial, input_size, mean, std, eps, n_adv, attack_steps, attack_step_size, per_copy_targets,
-             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, json_out, quiet, debug) -> None:
+             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, record_paths, json_out, quiet, debug) -> None:
     from .workflow import run_request
 
     err = _stderr()
@@ -165,7 +167,8 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
                 unlearn_overrides={"lr": lr, "lam": lam, "max_steps": max_steps, "bn": bn.value if bn else None,
                                    "objective": objective.value if objective else None,
                                    "adv_loss": adv_loss.value if adv_loss else None},
-                request_id=request_id, eval_images=eval_images, progress=progress,
+                request_id=request_id, eval_images=eval_images, keep=keep or (), record_paths=record_paths,
+                progress=progress,
             )
         except GoalNotMet as exc:
             _show(exc.report, json_out, quiet)
@@ -216,6 +219,8 @@ def forget(
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
     request_id: RequestOpt = None,
+    keep: KeepOpt = None,
+    record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -227,7 +232,7 @@ def forget(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, record_paths=record_paths, eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command()
@@ -257,6 +262,8 @@ def relabel(
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
     request_id: RequestOpt = None,
+    keep: KeepOpt = None,
+    record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -268,7 +275,7 @@ def relabel(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, record_paths=record_paths, eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command("eval")
@@ -305,6 +312,56 @@ def eval_(
         typer.echo(to_json(r))
     if not quiet:
         render_eval(r, _stderr() if json_out else Console())
+
+
+@app.command()
+def history(
+    checkpoint: CheckpointArg,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The ledger of requests applied to a checkpoint written by l2ul."""
+    from .checkpoint import read_checkpoint
+    from .ledger import continuity
+    from .report import render_history
+
+    def body():
+        raw = read_checkpoint(checkpoint)
+        ledger = raw.meta.get("ledger") if isinstance(raw.meta.get("ledger"), list) else []
+        return {"checkpoint": str(checkpoint), "sha256": raw.sha256, "ledger": ledger,
+                "warning": continuity(ledger, raw.state_dict)}
+
+    r = _run(body, debug)
+    if json_out:
+        typer.echo(to_json(r))
+    else:
+        render_history(r, Console())
+
+
+@app.command()
+def info(
+    checkpoint: CheckpointArg,
+    arch: ArchOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Architecture, classes, preprocessing, parameter count and ledger summary of a checkpoint."""
+    from .models import load_model
+    from .report import render_info
+
+    def body():
+        m = load_model(checkpoint, arch)
+        return {"checkpoint": str(checkpoint), "sha256": m.source.sha256, "arch": m.arch,
+                "num_classes": m.num_classes, "in_chans": m.in_chans, "class_names": m.class_names,
+                "preprocessing": m.preprocessing.to_dict(),
+                "parameters": sum(p.numel() for p in m.net.parameters()),
+                "requests": len(m.ledger)}
+
+    r = _run(body, debug)
+    if json_out:
+        typer.echo(to_json(r))
+    else:
+        render_info(r, Console())
 
 
 def _version(value: bool) -> None:

@@ -98,3 +98,37 @@ def render_eval(report: dict[str, Any], console: Console) -> None:
     for name, v in report["per_class"].items():
         pc.add_row(name, _pct(v["accuracy"]), str(v["n"]))
     console.print(pc)
+
+
+def render_history(report: dict[str, Any], console: Console) -> None:
+    ledger = report["ledger"]
+    if not ledger:
+        console.print(f"{report['checkpoint']}: no l2ul requests recorded")
+        return
+    t = Table(title=f"ledger of {report['checkpoint']}", header_style="bold")
+    for col in ("#", "request", "time (UTC)", "command", "method", "images", "goal met", "before → after"):
+        t.add_column(col)
+    for i, e in enumerate(ledger, 1):
+        key = "forget_accuracy" if e.get("command") == "forget" else "relabel_accuracy"
+        change = f"{_pct(e.get('before', {}).get(key))} → {_pct(e.get('after', {}).get(key))}"
+        mark = " (new segment)" if e.get("new_segment") else ""
+        t.add_row(str(i), str(e.get("request_id", "?")) + mark, str(e.get("time", "?")), str(e.get("command", "?")),
+                  str(e.get("method", "?")), str(e.get("n_images", "?")), "yes" if e.get("goal_met") else "no", change)
+    console.print(t)
+    if report.get("warning"):
+        console.print(f"[yellow]warning:[/] {report['warning']}")
+
+
+def render_info(report: dict[str, Any], console: Console) -> None:
+    t = Table(title=report["checkpoint"], show_header=False)
+    t.add_column("")
+    t.add_column("")
+    pre = report["preprocessing"]
+    names = report["class_names"]
+    t.add_row("architecture", report["arch"])
+    t.add_row("classes", f"{report['num_classes']}" + (f": {', '.join(names[:10])}{' …' if len(names) > 10 else ''}" if names else " (no names)"))
+    t.add_row("input", f"{pre['input_size'][0]}×{pre['input_size'][1]}×{pre['input_size'][2]}, mean {pre['mean']}, std {pre['std']}, crop {pre['crop_pct']}")
+    t.add_row("parameters", f"{report['parameters']:,}")
+    t.add_row("l2ul requests", str(report["requests"]))
+    t.add_row("sha256", report["sha256"])
+    console.print(t)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +20,7 @@ from .config import DEFAULT_METHOD, FORGET_METHODS, RELABEL_METHODS, AttackConfi
 from .data import Sample, load_images, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
+from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
 from .report import write_json
 from .unlearn import NullProgress, Progress, unlearn
@@ -69,6 +68,19 @@ def load_samples(loaded: LoadedModel, images: str | os.PathLike | None, manifest
     return read_manifest(manifest, loaded.class_names, loaded.num_classes, require_new_label=require_new_label)
 
 
+def _keep_samples(loaded: LoadedModel, keep: Sequence[str | os.PathLike], goal: str) -> list[Sample]:
+    """Images of earlier requests (folders or CSVs) that must stay forgotten / relabelled."""
+    out: list[Sample] = []
+    for item in keep:
+        p = Path(item)
+        got = scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else \
+            read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=goal == "relabel")
+        if goal == "forget":
+            _labelled(got, "--keep")
+        out.extend(got)
+    return out
+
+
 def _image_rows(loaded: LoadedModel, samples: Sequence[Sample], labels: torch.Tensor, before: torch.Tensor,
                 after: torch.Tensor, new: torch.Tensor | None) -> list[dict[str, Any]]:
     rows = []
@@ -106,6 +118,8 @@ def run_request(
     attack: AttackConfig | None = None,
     unlearn_overrides: dict[str, Any] | None = None,
     request_id: str | None = None,
+    record_paths: bool = False,
+    keep: Sequence[str | os.PathLike] = (),
     eval_images: str | os.PathLike | None = None,
     amp: bool = True,
     progress: Progress | None = None,
@@ -134,8 +148,13 @@ def run_request(
         check_output(Path(report_path), ckpt, True, "report")
     samples = load_samples(loaded, images, manifest, require_new_label=goal == "relabel")
     x = load_images(samples, loaded.preprocessing).to(dev)
+    kept = _keep_samples(loaded, keep, goal)
+    x_keep = load_images(kept, loaded.preprocessing).to(dev) if kept else None
     seconds["load"] = time.perf_counter() - t0
 
+    broken = continuity(loaded.ledger, loaded.state_dict()) if loaded.ledger or loaded.source.meta.get("_unparsable") else None
+    if loaded.source.meta.get("_unparsable"):
+        broken = "the checkpoint's l2ul metadata does not parse; a new ledger starts here"
     model = loaded.model
     eval_before = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded) if eval_images else None
     before_logits = predict(model, [x], dev)
@@ -153,15 +172,32 @@ def run_request(
         before_key = "forget_accuracy"
         before_value = accuracy(before_logits, labels)
 
+    n = len(samples)
+    x_all, t_all, a_all = x, targets, labels
+    if kept:
+        # Earlier requests' images join the goal check and the regularisers, so this request
+        # cannot make the model remember them again.
+        k_pred = predict(model, [x_keep], dev)
+        k_labels = torch.tensor([s.label if s.label is not None else int(k_pred[i].argmax()) for i, s in enumerate(kept)])
+        k_targets = torch.tensor([s.new_label for s in kept]) if goal == "relabel" else k_labels
+        x_all = torch.cat([x, x_keep])
+        t_all, a_all = torch.cat([targets, k_targets]), torch.cat([labels, k_labels])
+        keep_before = accuracy(k_pred, k_targets)
     result = unlearn(
-        model, x, targets.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
-        attack_labels=labels.to(dev), seed=seed, amp=amp, progress=progress,
+        model, x_all, t_all.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
+        attack_labels=a_all.to(dev), seed=seed, amp=amp, progress=progress,
     )
     seconds.update(result.seconds)
+    all_logits = result.logits
+    result.logits = all_logits[:n]
     after_pred = result.logits.argmax(1)
     after_value = accuracy(result.logits, targets)
 
     notes = list(result.notes)
+    if broken:
+        notes.append(f"warning: {broken}; the ledger starts a new segment")
+    if loaded.ledger and not kept:
+        notes.append(f"{len(loaded.ledger)} earlier request(s) in the ledger were not re-checked (pass their images with --keep)")
     if goal == "relabel" and same:
         notes.append(f"{len(same)} image(s) were already predicted as their new label before the run")
     report: dict[str, Any] = {
@@ -186,6 +222,10 @@ def run_request(
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }
+    if kept:
+        key = "forget_accuracy" if goal == "forget" else "relabel_accuracy"
+        report["keep"] = {"n_images": len(kept), "before": {key: keep_before},
+                          "after": {key: accuracy(all_logits[n:], t_all[n:])}}
     if eval_before is not None:
         eval_after = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded)
         report["eval"] = {"images": str(eval_images), "before": eval_before, "after": eval_after}
@@ -197,18 +237,12 @@ def run_request(
     write_it = result.goal_met or allow_partial
     if write_it:
         t0 = time.perf_counter()
-        entry = {
-            "request_id": request_id or uuid.uuid4().hex[:12],
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": goal,
-            "method": method,
-            "n_images": len(samples),
-            "goal_met": result.goal_met,
-            "before": report["before"],
-            "after": report["after"],
-            "input_sha256": loaded.source.sha256,
-        }
-        loaded.ledger.append(entry)
+        loaded.ledger.append(make_entry(
+            command=goal, method=method, settings=report["config"], samples=samples, before=report["before"],
+            after=report["after"], goal_met=result.goal_met, input_sha256=loaded.source.sha256,
+            output_weights=loaded.state_dict(), request_id=request_id, record_paths=record_paths,
+            new_segment=broken,
+        ))
         meta = loaded.metadata()
         report["output_sha256"] = write_checkpoint(out_path, loaded.state_dict(), meta)
         report["output"] = str(out_path)

@@ -132,11 +132,18 @@ def test_every_forget_method_meets_the_goal(method, digits_checkpoint, forget_di
     assert report["method"] == method and report["after"]["forget_accuracy"] == 0.0
 
 
-def test_same_seed_same_bytes_on_cpu(digits_checkpoint, forget_dir, tmp_path):
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+def test_same_seed_same_bytes_on_cpu(digits_checkpoint, forget_dir, tmp_path, monkeypatch):
+    from l2ul_cli.checkpoint import read_checkpoint
+
+    # The ledger records the time of the request; SOURCE_DATE_EPOCH pins it.
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
     assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", a, "--seed", "3", *FAST).exit_code == 0
     assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", b, "--seed", "3", *FAST).exit_code == 0
     assert sha(a) == sha(b)
+    assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", c, "--seed", "4", *FAST).exit_code == 0
+    ta, tc = read_checkpoint(a).state_dict, read_checkpoint(c).state_dict
+    assert any(not torch.equal(ta[k], tc[k]) for k in ta)  # the seed matters
 
 
 def test_pickle_checkpoint_with_prefixes_and_index_folders(digits_checkpoint, digits, tmp_path):
