@@ -23,8 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Evaluator, device_name, fresh, train_resnet18  # noqa: E402
 
-from l2ul_cli.config import AttackConfig, preset  # noqa: E402
+from l2ul_cli.config import AttackConfig, preset, resolve_eps  # noqa: E402
 from l2ul_cli.evaluate import accuracy, predict  # noqa: E402
+from l2ul_cli.errors import NumericalError  # noqa: E402
 from l2ul_cli.unlearn import objective_loss, unlearn  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -46,8 +47,13 @@ def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack: AttackConf
     targets = new_labels(y, seed) if goal == "relabel" else y
     cfg = preset(method, **overrides)
     t0 = time.perf_counter()
-    r = unlearn(loaded.model, x, targets.to(dev), goal=goal, num_classes=10, config=cfg, attack=attack,
-                attack_labels=y.to(dev), seed=seed)
+    try:
+        r = unlearn(loaded.model, x, targets.to(dev), goal=goal, num_classes=10, config=cfg, attack=attack,
+                    attack_labels=y.to(dev), seed=seed)
+    except NumericalError:  # −CE is unbounded: the paper's objectives can diverge
+        nan = float("nan")
+        return {"D_f": nan, "D_r": nan, "D_test": nan, "mia_auc": nan, "steps": nan,
+                "seconds": time.perf_counter() - t0, "goal_met": False, "diverged": True}
     wall = time.perf_counter() - t0
     m = ev.metrics(loaded, idx, targets, goal)
     return {**m, "steps": r.steps, "seconds": wall, "goal_met": r.goal_met, **{f"t_{k}": v for k, v in r.seconds.items()}}
@@ -91,8 +97,12 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack, overri
     cfg = preset(method, **overrides)
     for r_i in range(total // per):
         idx = idx_all[r_i * per:(r_i + 1) * per]
-        res = unlearn(loaded.model, ev.x[idx].to(dev), ev.y[idx].to(dev), goal="forget", num_classes=10,
-                      config=cfg, attack=attack, seed=seed + r_i)
+        try:
+            res = unlearn(loaded.model, ev.x[idx].to(dev), ev.y[idx].to(dev), goal="forget", num_classes=10,
+                          config=cfg, attack=attack, seed=seed + r_i)
+        except NumericalError:
+            rows.append({"k": (r_i + 1) * per, "D_f": float("nan"), "D_r": float("nan"), "D_test": float("nan"), "steps": "diverged"})
+            break
         seen = idx_all[:(r_i + 1) * per]
         m = ev.metrics(loaded, seen, ev.y[seen], "forget")
         rows.append({"k": len(seen), **m, "steps": res.steps})
@@ -100,6 +110,7 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack, overri
 
 
 def fmt(vals: list[float], pct: bool = True) -> str:
+    vals = [v for v in vals if v == v]  # diverged runs have no figures
     if not vals:
         return "–"
     s = 100.0 if pct else 1.0
@@ -117,8 +128,10 @@ def table(title: str, cells: dict, ks: list[int], before: dict, note: str) -> st
         def col(key, pct=True):
             return fmt([r[key] for r in runs], pct)
         met = sum(r["goal_met"] for r in runs)
+        div = sum(bool(r.get("diverged")) for r in runs)
+        flag = "" if met == len(runs) else f" goal met {met}/{len(runs)}" + (f", diverged (NaN) {div}/{len(runs)}" if div else "")
         lines.append(f"| {method} | {k} | {col('D_f')} | {col('D_r')} | {col('D_test')} | {col('mia_auc', False)} | "
-                     f"{col('steps', False)} | {col('seconds', False)} |" + ("" if met == len(runs) else f" goal met {met}/{len(runs)}"))
+                     f"{col('steps', False)} | {col('seconds', False)} |{flag}")
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +172,7 @@ def main() -> None:
               f"{epochs} epochs of SGD{' (CPU recipe, smaller than the GPU one)' if quick else ''}, test accuracy "
               f"{before['D_test'] * 100:.2f}%. D_r: a fixed 10,000-image subset of the remaining training images; "
               f"D_test: the 10,000 test images; MIA: loss-attack AUC, forget vs test images. Attack: N_adv={attack.n_adv}, "
-              f"{attack.steps} PGD steps, eps={attack.eps}. {seeds} seed(s); mean ± std. Overrides: {overrides or 'none'}.\n")
+              f"{attack.steps} PGD steps, eps={resolve_eps(attack.eps, (1, 28, 28)):g}. {seeds} seed(s); mean ± std. Overrides: {overrides or 'none'}.\n")
     print(header)
     out = [header]
     for goal, methods in (("forget", args.forget_methods), ("relabel", args.relabel_methods)):

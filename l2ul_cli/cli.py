@@ -128,7 +128,7 @@ PartialOpt = Annotated[bool, typer.Option("--allow-partial", help="Write the che
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="H,W (or C,H,W) the model takes [default: from the checkpoint or model config].")]
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean, comma-separated.")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std, comma-separated.")]
-EpsOpt = Annotated[float, typer.Option("--eps", help="L2 radius of the attack in [0,1] pixel space.")]
+EpsOpt = Annotated[Optional[float], typer.Option("--eps", help="L2 radius of the attack in [0,1] pixel space [default: 1.0 at 28x28x1, scaled with sqrt(image size)].")]
 NAdvOpt = Annotated[int, typer.Option("--n-adv", help="Adversarial copies per image.")]
 AttackStepsOpt = Annotated[int, typer.Option("--attack-steps", help="PGD iterations.")]
 AttackLrOpt = Annotated[float, typer.Option("--attack-step-size", help="PGD step length (L2).")]

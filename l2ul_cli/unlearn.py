@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attack import adversarial_set
-from .config import AttackConfig, Goal, UnlearnConfig
+from .config import AttackConfig, Goal, UnlearnConfig, resolve_eps
 from .errors import NumericalError
 from .importance import ImportancePenalty, mas_importance
 
@@ -102,7 +102,7 @@ def _attack_with_retry(model, images, labels, num_classes, attack: AttackConfig,
             progress.start("attack", images.shape[0] * attack.n_adv)
             return adversarial_set(
                 model, images, labels, num_classes, n_adv=attack.n_adv, generator=generator,
-                per_copy_targets=attack.per_copy_targets, eps=attack.eps, step_size=attack.step_size,
+                per_copy_targets=attack.per_copy_targets, eps=resolve_eps(attack.eps, tuple(images.shape[1:])), step_size=attack.step_size,
                 steps=attack.steps, random_start=attack.random_start, batch_size=batch,
                 autocast_dtype=autocast_dtype, progress=progress.advance,
             )

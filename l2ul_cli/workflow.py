@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import sha256_file, write_checkpoint
-from .config import DEFAULT_METHOD, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
+from .config import DEFAULT_METHOD, resolve_eps, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
 from .data import Sample, load_images, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
@@ -218,7 +218,7 @@ def run_request(
         "output_sha256": None,
         "adv_attack_success": result.adv_attack_success,
         "lambda_final": result.lam_final,
-        "config": {"attack": asdict(attack), "unlearn": asdict(cfg)},
+        "config": {"attack": {**asdict(attack), "eps": resolve_eps(attack.eps, tuple(x.shape[1:]))}, "unlearn": asdict(cfg)},
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }

@@ -45,7 +45,7 @@ def test_forget_writes_checkpoint_and_report(digits_checkpoint, forget_dir, tmp_
     assert report["goal_met"] is True
     assert report["before"]["forget_accuracy"] == 1.0
     assert report["after"]["forget_accuracy"] == 0.0
-    assert report["method"] == "adv+imp"
+    assert report["method"] == "l2ul"  # the default, chosen by the benchmark
     assert report["device"] == "cpu"
     assert isinstance(report["steps"], int) and report["steps"] >= 1
     assert all(isinstance(v, float) for v in report["seconds"].values())
@@ -122,7 +122,7 @@ def test_json_goes_to_stdout(digits_checkpoint, forget_dir, tmp_path):
     assert json.loads(r.stdout)["goal_met"] is True
 
 
-@pytest.mark.parametrize("method", ["neggrad", "adv", "l2ul"])
+@pytest.mark.parametrize("method", ["neggrad", "adv", "adv+imp"])
 def test_every_forget_method_meets_the_goal(method, digits_checkpoint, forget_dir, tmp_path):
     rep = tmp_path / "r.json"
     r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors",
@@ -248,3 +248,21 @@ def test_eval_metrics_compare_and_mia(digits_checkpoint, forget_dir, heldout_dir
     assert set(report["mia"]) == {"loss_auc", "confidence_auc"}
     assert 0.0 <= report["compare"]["agreement"] <= 1.0
     assert len(report["compare"]["changed"]) == round((1 - report["compare"]["agreement"]) * 297)
+
+
+def test_default_method_keeps_accuracy_elsewhere(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    """The point of the tool: the forget images flip, held-out accuracy mostly stays.
+    Measured here: 93.6% before, 83.8% after with l2ul; NEGGRAD collapses to 10%."""
+    def after(method: str) -> dict:
+        rep = tmp_path / f"{method}.json"
+        r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / f"{method}.safetensors",
+                "--eval", heldout_dir, "--report", rep, "--method", method, *FAST)
+        assert r.exit_code == 0, r.output
+        return json.loads(rep.read_text())
+
+    ours, neggrad = after("l2ul"), after("neggrad")
+    assert ours["after"]["forget_accuracy"] == 0.0
+    assert ours["before"]["accuracy"] > 0.9
+    assert ours["after"]["accuracy"] >= 0.75
+    assert ours["after"]["accuracy"] > neggrad["after"]["accuracy"] + 0.3
+    assert ours["eval"]["after"]["n_images"] == 297

@@ -1,0 +1,174 @@
+"""Speed benchmark: the batched unlearning path against a reference-style loop, on one device.
+
+For ResNet-18 on Fashion-MNIST (the quality benchmark's model) and k forget images it measures
+seconds per phase, attack throughput (image-passes/s: k·N_adv·T forward+backward passes), the
+attack's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the device's
+measured matrix-multiply rate (bf16 on CUDA, fp32 on CPU, measured in the same run), the ratio to
+a reference-style loop written here (one adversarial copy at a time, fp32, separate forward
+passes, BatchNorm in train mode, the whole forget set evaluated after every step), and the wall
+time of training the model from scratch with the benchmark's recipe.
+
+    python benchmarks/speed.py                 # CUDA: k = 16, 128
+    python benchmarks/speed.py --ks 16         # 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_name, fmnist, fresh, train_resnet18  # noqa: E402
+
+from l2ul_cli.attack import draw_targets, pgd_l2_targeted  # noqa: E402
+from l2ul_cli.config import AttackConfig, preset  # noqa: E402
+from l2ul_cli.importance import ImportancePenalty, mas_importance  # noqa: E402
+from l2ul_cli.unlearn import unlearn  # noqa: E402
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(dev) -> float:
+    """Measured dense matrix-multiply TFLOP/s: bf16 on CUDA, fp32 on CPU."""
+    n = 8192 if dev.type == "cuda" else 1024
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(dev)
+    reps = 50 if dev.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(dev)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def attack_flops_per_pass(model, x) -> float:
+    """FLOPs of one forward+backward (w.r.t. the input) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d = torch.zeros_like(x, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        loss = F.cross_entropy(model(x + d), torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        torch.autograd.grad(loss, d)
+    return fc.get_total_flops() / x.shape[0]
+
+
+def reference_style(model, x, y, num_classes, attack: AttackConfig, max_steps: int, seed: int) -> dict:
+    """The reference code's structure, in our own code: per-copy fp32 attack, BN in train mode,
+    separate forward passes, the forget set evaluated after every step."""
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    copies, targets = [], []
+    for i in range(x.shape[0]):
+        t = draw_targets(y[i:i + 1].cpu(), num_classes, 1, g).to(x.device).flatten()
+        for _ in range(attack.n_adv):
+            copies.append(pgd_l2_targeted(model, x[i:i + 1], t, eps=attack.eps, step_size=attack.step_size,
+                                          steps=attack.steps, generator=g, batch_size=1))
+            targets.append(t)
+    xa, ta = torch.cat(copies), torch.cat(targets)
+    sync(x.device)
+    t_attack = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    penalty = ImportancePenalty(model, mas_importance(model, x, chunk_size=1), 1.0)
+    sync(x.device)
+    t_imp = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-5)
+    steps = 0
+    for steps in range(1, max_steps + 1):
+        model.train()
+        idx = torch.randint(0, xa.shape[0], (min(256, xa.shape[0]),), generator=g).to(x.device)
+        loss = -F.cross_entropy(model(x), y) + F.cross_entropy(model(xa[idx]), ta[idx]) + penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            if (model(x).argmax(1) != y).all():
+                break
+    sync(x.device)
+    return {"attack": t_attack, "importance": t_imp, "updates": time.perf_counter() - t0, "steps": steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ks", type=int, nargs="*")
+    ap.add_argument("--n-adv", type=int, default=20)
+    ap.add_argument("--attack-steps", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--max-steps", type=int, default=100, help="update-step cap for both paths")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    ks = args.ks or ([16, 128] if dev.type == "cuda" else [16])
+    epochs = args.epochs or (15 if dev.type == "cuda" else 3)
+    ckpt, _ = train_resnet18(dev, epochs)
+    from l2ul_cli.checkpoint import read_checkpoint
+
+    train_info = read_checkpoint(ckpt).meta.get("training", {})
+    x_all, y_all = fmnist("train")
+    rate = matmul_rate(dev)
+    attack = AttackConfig(n_adv=args.n_adv, steps=args.attack_steps)
+    rows = []
+    for k in ks:
+        idx = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(k))[:k]
+        x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+        loaded = fresh(ckpt, dev)
+        if dev.type == "cuda":
+            loaded.model.to(memory_format=torch.channels_last)
+        flops = attack_flops_per_pass(loaded.model, x[:1].repeat(64, 1, 1, 1))
+        sync(dev)
+        t0 = time.perf_counter()
+        r = unlearn(loaded.model, x, y, goal="forget", num_classes=10,
+                    config=preset("adv+imp", max_steps=args.max_steps), attack=attack, seed=0)
+        sync(dev)
+        total = time.perf_counter() - t0
+        passes = k * attack.n_adv * attack.steps
+        row = {"k": k, "attack": r.seconds["attack"], "importance": r.seconds["importance"], "updates": r.seconds["updates"],
+               "total": total, "steps": r.steps, "goal": r.goal_met, "passes_s": passes / r.seconds["attack"],
+               "tflops": flops * passes / r.seconds["attack"] / 1e12}
+        if not args.no_reference:
+            ref_model = fresh(ckpt, dev).model
+            ref = reference_style(ref_model, x, y, 10, attack, args.max_steps, 0)
+            row["ref_total"] = ref["attack"] + ref["importance"] + ref["updates"]
+            row["ref"] = ref
+        rows.append(row)
+        print(row, flush=True)
+    retrain = train_info.get("seconds")
+    lines = [f"## Speed · {device_name(dev)}", "",
+             f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`. ResNet-18 on Fashion-MNIST 28×28, "
+             f"ADV+IMP, N_adv={attack.n_adv}, T={attack.steps} PGD steps, update cap {args.max_steps}. Matrix-multiply rate "
+             f"measured in this run: {rate:.1f} TFLOP/s ({'bf16' if dev.type == 'cuda' else 'fp32'}). Retraining from scratch "
+             f"with the benchmark recipe: {retrain:.0f} s ({train_info.get('epochs')} epochs, {train_info.get('device')})." if retrain else "",
+             "", "| k | attack s | importance s | updates s (steps) | total s | image-passes/s | attack TFLOP/s (% of matmul) | reference-style total s | speed-up | vs retraining |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = f"{r['ref_total']:.1f}" if "ref_total" in r else "–"
+        up = f"{r['ref_total'] / r['total']:.1f}×" if "ref_total" in r else "–"
+        vs = f"{retrain / r['total']:.1f}×" if retrain else "–"
+        lines.append(f"| {r['k']} | {r['attack']:.2f} | {r['importance']:.2f} | {r['updates']:.2f} ({r['steps']}) | {r['total']:.2f} | "
+                     f"{r['passes_s']:,.0f} | {r['tflops']:.3f} ({100 * r['tflops'] / rate:.1f}%) | {ref} | {up} | {vs} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
