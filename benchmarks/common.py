@@ -6,6 +6,7 @@ checkpoint, so every benchmark loads it exactly as a user's checkpoint is loaded
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from l2ul_cli.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from l2ul_cli.evaluate import accuracy, membership_inference, predict
 from l2ul_cli.models import LoadedModel, build_network, load_model
 
-CACHE = Path(__file__).parent / ".cache"
+CACHE = Path(os.environ.get("L2UL_BENCH_CACHE", Path(__file__).parent / ".cache"))
 MEAN, STD = 0.2860, 0.3530
 
 
@@ -34,17 +35,21 @@ def device_name(dev: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "resnet18") -> tuple[Path, dict]:
-    """SGD + one-cycle recipe (like the paper's pre-trained models: SGD-trained), cached."""
-    path = CACHE / f"fmnist-{arch}-e{epochs}-s{seed}.safetensors"
+def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "resnet18", subset: int = 0) -> tuple[Path, dict]:
+    """SGD + one-cycle recipe (like the paper's pre-trained models: SGD-trained), cached.
+    ``subset`` > 0 trains on that many images only (the smoke test's tiny model)."""
+    path = CACHE / f"fmnist-{arch}-e{epochs}-s{seed}{f'-n{subset}' if subset else ''}.safetensors"
     if path.exists():
         return path, {}
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     x, y = fmnist("train")
+    if subset:
+        x, y = x[:subset], y[:subset]
     xt, yt = fmnist("test")
     net = build_network(arch, 10, 1).to(dev).to(memory_format=torch.channels_last)
     bs = 256
+    bs = min(bs, len(y))
     steps = epochs * (len(y) // bs)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.15)

@@ -145,6 +145,9 @@ def main() -> None:
     ap.add_argument("--relabel-methods", nargs="*", default=["correct", "adv", "adv+imp", "l2ul"])
     ap.add_argument("--experiments", nargs="*", default=["forget", "relabel", "continual", "oracle"])
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--arch", default="resnet18", help="model trained for the benchmark (smoke test: test_resnet)")
+    ap.add_argument("--train-subset", type=int, default=0, help="train the model on this many images only")
+    ap.add_argument("--continual-total", type=int, default=None)
     ap.add_argument("--n-adv", type=int, default=None)
     ap.add_argument("--attack-steps", type=int, default=None)
     ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig overrides for every method, e.g. lr=1e-4")
@@ -161,14 +164,14 @@ def main() -> None:
         key, val = kv.split("=")
         overrides[key] = type(getattr(preset("l2ul"), key))(val) if key not in ("bn", "objective", "adv_loss") else val
 
-    ckpt, info = train_resnet18(dev, epochs)
+    ckpt, info = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     ev = Evaluator(dev)
     base = fresh(ckpt, dev)
     lt = predict(base.model, ev.xt.split(2000), dev)
     lr_ = predict(base.model, ev.x[ev.remaining_pool].split(2000), dev)
     before = {"D_r": accuracy(lr_, ev.y[ev.remaining_pool]), "D_test": accuracy(lt, ev.yt)}
-    header = (f"## Quality on Fashion-MNIST · ResNet-18 · {device_name(dev)}\n\n"
-              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Model: timm resnet18 (in_chans=1), "
+    header = (f"## Quality on Fashion-MNIST · {args.arch} · {device_name(dev)}\n\n"
+              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Model: timm {args.arch} (in_chans=1), "
               f"{epochs} epochs of SGD{' (CPU recipe, smaller than the GPU one)' if quick else ''}, test accuracy "
               f"{before['D_test'] * 100:.2f}%. D_r: a fixed 10,000-image subset of the remaining training images; "
               f"D_test: the 10,000 test images; MIA: loss-attack AUC, forget vs test images. Attack: N_adv={attack.n_adv}, "
@@ -191,7 +194,7 @@ def main() -> None:
         print(t)
         out.append(t)
     if "continual" in args.experiments:
-        total = 32 if quick else 128
+        total = args.continual_total or (32 if quick else 128)
         lines = ["### continual: 8 images per request, each on the previous output", "",
                  "| method | k so far | D_f (all so far) | D_r | D_test | steps |", "|---|---|---|---|---|---|"]
         for method in args.forget_methods:

@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--n-adv", type=int, default=20)
     ap.add_argument("--attack-steps", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=100, help="update-step cap for both paths")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-write", action="store_true")
@@ -117,7 +119,7 @@ def main() -> None:
     dev = torch.device(args.device)
     ks = args.ks or ([16, 128] if dev.type == "cuda" else [16])
     epochs = args.epochs or (15 if dev.type == "cuda" else 3)
-    ckpt, _ = train_resnet18(dev, epochs)
+    ckpt, _ = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     from l2ul_cli.checkpoint import read_checkpoint
 
     train_info = read_checkpoint(ckpt).meta.get("training", {})

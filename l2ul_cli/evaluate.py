@@ -52,26 +52,15 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     """Area under the ROC curve of a score that should be higher for ``positive``: the
-    probability that a random positive outscores a random negative (ties count half)."""
+    probability that a random positive outscores a random negative, ties counting half
+    (the Mann-Whitney U statistic, from average ranks)."""
     p, n = positive.double().flatten(), negative.double().flatten()
     if p.numel() == 0 or n.numel() == 0:
         return float("nan")
-    scores = torch.cat([p, n])
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    sorted_scores = scores[order]
-    # average ranks for ties
-    i = 0
-    ranks_sorted = torch.empty_like(scores)
-    values = sorted_scores.tolist()
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[i]:
-            j += 1
-        ranks_sorted[i:j + 1] = (i + j) / 2 + 1
-        i = j + 1
-    ranks[order] = ranks_sorted
-    r_pos = ranks[: p.numel()].sum()
+    values, inverse, counts = torch.unique(torch.cat([p, n]), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg_rank = ends - (counts.double() - 1) / 2  # 1-based average rank of each distinct value
+    r_pos = avg_rank[inverse[: p.numel()]].sum()
     return float((r_pos - p.numel() * (p.numel() + 1) / 2) / (p.numel() * n.numel()))
 
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# "Fix these mistakes": images/fixes.csv lists test images the example model gets wrong, with
+# their true class as new_label (an ImageNet-A-style correction). Relabel them, then check.
+#   bash examples/03_relabel_mistakes.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")"
+L2UL=${L2UL:-l2ul}
+OUT=${1:-$(mktemp -d)}
+MODEL=fashion-mnist-lcnet_050.safetensors
+
+$L2UL relabel "$MODEL" --manifest images/fixes.csv --out "$OUT/fixed.safetensors" \
+  --report "$OUT/relabel.json" --eval images/test --force
+echo "report in $OUT/relabel.json"

@@ -1,0 +1,41 @@
+"""Smoke runs of the benchmark scripts (tiny model, k, steps): they run end to end and print
+their tables. The real figures come from running them in full (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from l2ul_cli.datasets import fashion_mnist_root
+
+ROOT = Path(__file__).parent.parent
+needs_fmnist = pytest.mark.skipif(not (fashion_mnist_root() / "t10k-labels-idx1-ubyte.gz").exists(),
+                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+TINY = ["--device", "cpu", "--arch", "test_resnet", "--epochs", "1", "--train-subset", "1024", "--no-write"]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "L2UL_BENCH_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY, *args],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@needs_fmnist
+def test_quality_benchmark_smoke(tmp_path):
+    out = _run("quality.py", "--ks", "2", "--seeds", "1", "--n-adv", "2", "--attack-steps", "3",
+               "--forget-methods", "neggrad", "l2ul", "--relabel-methods", "l2ul", "--continual-total", "16",
+               tmp_path=tmp_path)
+    assert "| BEFORE |" in out and "| l2ul | 2 |" in out and "oracle (uses D_r)" in out
+    assert "continual" in out and "| l2ul | 16 |" in out
+
+
+@needs_fmnist
+def test_speed_benchmark_smoke(tmp_path):
+    out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3", tmp_path=tmp_path)
+    assert "image-passes/s" in out and "reference-style" in out
