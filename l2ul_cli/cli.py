@@ -20,7 +20,7 @@ from . import __version__
 from .config import DEFAULT_METHOD, AttackConfig
 from .errors import GoalNotMet, L2ULError
 from .progress import RichProgress
-from .report import render_run, to_json
+from .report import render_run, to_json, write_markdown
 
 app = typer.Typer(
     name="l2ul",
@@ -142,6 +142,7 @@ AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Overr
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
 RecordPathsOpt = Annotated[bool, typer.Option("--record-paths", help="Record image paths in the checkpoint's ledger (by default only their SHA-256).")]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a human-readable Markdown report here.")]
 EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="Labelled held-out images to evaluate before and after (accuracy in the report).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (everything else on stderr).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
@@ -150,7 +151,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report, method, device, seed, force,
              allow_partial, input_size, mean, std, eps, n_adv, attack_steps, attack_step_size, per_copy_targets,
-             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, record_paths, json_out, quiet, debug) -> None:
+             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, record_paths, markdown, json_out, quiet, debug) -> None:
     from .workflow import run_request
 
     err = _stderr()
@@ -171,12 +172,20 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
                 progress=progress,
             )
         except GoalNotMet as exc:
+            if markdown is not None and exc.report is not None:
+                write_markdown(markdown, exc.report)
             _show(exc.report, json_out, quiet)
             raise
         finally:
             progress.close()
 
-    _show(_run(body, debug), json_out, quiet)
+    def body_md():
+        r = body()
+        if markdown is not None:
+            write_markdown(markdown, r)
+        return r
+
+    _show(_run(body_md, debug), json_out, quiet)
 
 
 def _show(report: Optional[dict], json_out: bool, quiet: bool) -> None:
@@ -222,6 +231,7 @@ def forget(
     keep: KeepOpt = None,
     record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
+    markdown: MarkdownOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -232,7 +242,7 @@ def forget(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, record_paths=record_paths, eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command()
@@ -265,6 +275,7 @@ def relabel(
     keep: KeepOpt = None,
     record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
+    markdown: MarkdownOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -275,7 +286,7 @@ def relabel(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, record_paths=record_paths, eval_images=eval_images, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command("eval")
@@ -287,6 +298,7 @@ def eval_(
     report: ReportOpt = None,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A second checkpoint to run on the same images.")] = None,
     forget_set: Annotated[Optional[Path], typer.Option("--forget", help="Unlearned images (folder or CSV): membership inference against --images as held-out data.")] = None,
+    markdown: MarkdownOpt = None,
     device: DeviceOpt = Device.auto,
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
@@ -296,7 +308,7 @@ def eval_(
     debug: DebugOpt = False,
 ) -> None:
     """Accuracy, top-5, per-class accuracy and confusion of a checkpoint on labelled images."""
-    from .report import render_eval, write_json
+    from .report import render_eval, write_json, write_markdown
     from .workflow import evaluate_checkpoint
 
     def body():
@@ -305,6 +317,8 @@ def eval_(
                                 mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
         if report is not None:
             write_json(report, r)
+        if markdown is not None:
+            write_markdown(markdown, r)
         return r
 
     r = _run(body, debug)

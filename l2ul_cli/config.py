@@ -59,6 +59,8 @@ class UnlearnConfig:
     margin: float = 1.0  # logit margin of the bounded objective
     kd_temperature: float = 1.0
     adv_weight: float = 1.0  # weight of the adversarial term (paper: 1)
+    noise_copies: int = 0  # extra anchors per image: random-direction copies at noise_radius (kd only)
+    noise_radius: float = 3.0  # in units of the attack's ε
     adv_batch_size: int = 256  # adversarial rows per update step
     adapt_lambda: bool = True  # halve λ when progress stalls, so the goal is reached (relabel)
     stall_steps: int = 50

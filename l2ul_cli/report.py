@@ -132,3 +132,49 @@ def render_info(report: dict[str, Any], console: Console) -> None:
     t.add_row("l2ul requests", str(report["requests"]))
     t.add_row("sha256", report["sha256"])
     console.print(t)
+
+
+def _md_pct(v: Any) -> str:
+    return _pct(v)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """A human-readable report: what was asked, what was achieved, what it cost."""
+    cmd = report["command"]
+    out: list[str] = [f"# l2ul {cmd}", ""]
+    if cmd in ("forget", "relabel"):
+        status = "goal met" if report["goal_met"] else "**goal not met**"
+        out += [f"{status} · method `{report['method']}` · {report['n_images']} images · {report['steps']} steps · "
+                f"device {report['device']}", "",
+                f"- input: `{report['input']}` (sha256 `{report['input_sha256'][:16]}…`)",
+                f"- output: `{report['output']}`" + (f" (sha256 `{report['output_sha256'][:16]}…`)" if report.get("output_sha256") else ""),
+                "", "| | before | after |", "|---|---|---|"]
+        for key in sorted(set(report["before"]) | set(report["after"])):
+            out.append(f"| {key.replace('_', ' ')} | {_md_pct(report['before'].get(key))} | {_md_pct(report['after'].get(key))} |")
+        out += ["", "## Time per phase", "", "| phase | seconds |", "|---|---|"]
+        out += [f"| {k} | {v:.2f} |" for k, v in report["seconds"].items()]
+        out += ["", "## Images", "", "| image | label | before | after |" + (" new label |" if cmd == "relabel" else ""),
+                "|---|---|---|---|" + ("---|" if cmd == "relabel" else "")]
+        for row in report["images"]:
+            out.append(f"| `{Path(row['path']).name}` | {row['label']} | {row['before']} | {row['after']} |"
+                       + (f" {row['new_label']} |" if cmd == "relabel" else ""))
+        if report.get("notes"):
+            out += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    else:
+        out += [f"{report['n_images']} images · top-1 {_md_pct(report['accuracy'])} · top-5 {_md_pct(report['top5_accuracy'])}", "",
+                "| class | accuracy | n |", "|---|---|---|"]
+        out += [f"| {name} | {_md_pct(v['accuracy'])} | {v['n']} |" for name, v in report["per_class"].items()]
+        if "mia" in report:
+            out += ["", "## Membership inference (forget vs held-out; 0.5 = indistinguishable)", "",
+                    f"- loss AUC {report['mia']['loss_auc']:.3f}, confidence AUC {report['mia']['confidence_auc']:.3f}",
+                    f"- accuracy on the forget images {_md_pct(report['forget']['forget_accuracy'])}"]
+        if "compare" in report:
+            c = report["compare"]
+            out += ["", f"## Compared with `{c['checkpoint']}`", "",
+                    f"- its accuracy {_md_pct(c['accuracy'])}, agreement {_md_pct(c['agreement'])}, {len(c['changed'])} images changed"]
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(path: str | os.PathLike, report: dict[str, Any]) -> None:
+    text = to_markdown(report)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

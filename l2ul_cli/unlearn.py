@@ -154,6 +154,20 @@ def unlearn(
         with torch.no_grad():
             teacher = torch.cat([model(x_adv[i:i + 1024]).float() for i in range(0, x_adv.shape[0], 1024)])
         adv_success = float((teacher.argmax(1) == t_adv).float().mean())
+        if config.noise_copies and config.adv_loss == "kd":
+            # Random-direction copies farther out than the attack reaches: the original model
+            # mostly keeps their class, so distilling on them keeps the region around each
+            # forget image while the image itself moves.
+            eps = resolve_eps(attack.eps, tuple(images.shape[1:]))
+            x_noise = images.repeat_interleave(config.noise_copies, dim=0)
+            u = torch.randn(x_noise.shape, generator=generator).to(device)
+            u = u / u.flatten(1).norm(dim=1).view(-1, *([1] * (u.dim() - 1)))
+            x_noise = (x_noise + u * eps * config.noise_radius).clamp(0, 1)
+            with torch.no_grad():
+                t_noise = torch.cat([model(x_noise[i:i + 1024]).float() for i in range(0, x_noise.shape[0], 1024)])
+            x_adv = torch.cat([x_adv, x_noise])
+            teacher = torch.cat([teacher, t_noise])
+            t_adv = torch.cat([t_adv, t_noise.argmax(1)])
         seconds["attack"] = time.perf_counter() - t0
 
     penalty = None

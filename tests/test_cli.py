@@ -266,3 +266,13 @@ def test_default_method_keeps_accuracy_elsewhere(digits_checkpoint, forget_dir, 
     assert ours["after"]["accuracy"] >= 0.75
     assert ours["after"]["accuracy"] > neggrad["after"]["accuracy"] + 0.3
     assert ours["eval"]["after"]["n_images"] == 297
+
+
+def test_markdown_report(digits_checkpoint, forget_dir, tmp_path):
+    md = tmp_path / "r.md"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--markdown", md, *FAST)
+    assert r.exit_code == 0, r.output
+    text = md.read_text()
+    assert text.startswith("# l2ul forget") and "goal met" in text
+    assert "| forget accuracy | 100.0% | 0.0% |" in text
+    assert text.count(".png`") == 8  # one row per image
