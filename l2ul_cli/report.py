@@ -175,6 +175,45 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def label_matrix_png(report: dict[str, Any], path: Path) -> bool:
+    """Before→after label matrix of the forgotten/relabelled images (the paper's Fig. 2) as a
+    PNG. Needs matplotlib (the ``plots`` extra); returns False, writing nothing, without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report.get("images") or []
+    names = sorted({r["label"] for r in rows} | {r["after"] for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    counts = [[0] * len(names) for _ in names]
+    for r in rows:
+        counts[index[r["label"]]][index[r["after"]]] += 1
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(names), 1.0 + 0.5 * len(names)))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("after")
+    ax.set_ylabel("label before")
+    for i, row in enumerate(counts):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_title(f"l2ul {report['command']}: labels before → after")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
 def write_markdown(path: str | os.PathLike, report: dict[str, Any]) -> None:
+    """Markdown report; for forget/relabel also a label-matrix PNG beside it when matplotlib is there."""
+    path = Path(path)
     text = to_markdown(report)
+    if report.get("command") in ("forget", "relabel") and report.get("images"):
+        png = path.with_name(path.stem + "-labels.png")
+        if label_matrix_png(report, png):
+            text += f"\n![labels before and after]({png.name})\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -276,3 +276,13 @@ def test_markdown_report(digits_checkpoint, forget_dir, tmp_path):
     assert text.startswith("# l2ul forget") and "goal met" in text
     assert "| forget accuracy | 100.0% | 0.0% |" in text
     assert text.count(".png`") == 8  # one row per image
+
+
+def test_markdown_label_matrix_png(digits_checkpoint, forget_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    md = tmp_path / "r.md"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--markdown", md, *FAST)
+    assert r.exit_code == 0, r.output
+    png = tmp_path / "r-labels.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(r-labels.png)" in md.read_text()
