@@ -75,7 +75,7 @@ def reference_style(model, x, y, num_classes, attack: AttackConfig, max_steps: i
     for i in range(x.shape[0]):
         t = draw_targets(y[i:i + 1].cpu(), num_classes, 1, g).to(x.device).flatten()
         for _ in range(attack.n_adv):
-            copies.append(pgd_l2_targeted(model, x[i:i + 1], t, eps=attack.eps, step_size=attack.step_size,
+            copies.append(pgd_l2_targeted(model, x[i:i + 1], t, eps=attack.radius(tuple(x.shape[1:])), step_size=attack.step_size,
                                           steps=attack.steps, generator=g, batch_size=1))
             targets.append(t)
     xa, ta = torch.cat(copies), torch.cat(targets)
