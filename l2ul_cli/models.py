@@ -51,16 +51,29 @@ class Preprocessing:
 
 
 class PixelClassifier(nn.Module):
-    """``net`` behind a fixed normalisation: takes images in [0, 1], returns logits."""
+    """``net`` behind a fixed normalisation: takes images in [0, 1], returns logits.
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    Convolutional nets run in channels_last memory format (weights and inputs): forward+backward
+    of 160 images at 28x28 on one CPU core measured 1.7x faster for resnet18 and 1.4x for
+    lcnet_050, and it is the layout cuDNN's tensor-core kernels want on CUDA. Results are the
+    same up to float rounding."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], channels_last: bool | None = None):
         super().__init__()
+        if channels_last is None:
+            channels_last = any(isinstance(m, nn.Conv2d) for m in net.modules())
+        self.channels_last = channels_last
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
 
 
 @dataclass
