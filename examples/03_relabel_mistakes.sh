@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 L2UL=${L2UL:-l2ul}
+# Extra options for forget/relabel, e.g. L2UL_ARGS="--n-adv 4 --attack-steps 10" for a quick run.
+read -r -a EXTRA <<< "${L2UL_ARGS:-}"
 OUT=${1:-$(mktemp -d)}
 MODEL=fashion-mnist-lcnet_050.safetensors
 
 $L2UL relabel "$MODEL" --manifest images/fixes.csv --out "$OUT/fixed.safetensors" \
-  --report "$OUT/relabel.json" --eval images/test --force
+  --report "$OUT/relabel.json" --eval images/test --force ${EXTRA[@]+"${EXTRA[@]}"}
 echo "report in $OUT/relabel.json"

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 L2UL=${L2UL:-l2ul}
+# Extra options for forget/relabel, e.g. L2UL_ARGS="--n-adv 4 --attack-steps 10" for a quick run.
+read -r -a EXTRA <<< "${L2UL_ARGS:-}"
 OUT=${1:-$(mktemp -d)}
 MODEL=fashion-mnist-lcnet_050.safetensors
 
@@ -18,9 +20,9 @@ for f in images/forget/*/*.png; do
   i=$((i + 1))
 done
 
-$L2UL forget "$MODEL" --images "$OUT/req1" --out "$OUT/after1.safetensors" --request-id req-1 --force -q
+$L2UL forget "$MODEL" --images "$OUT/req1" --out "$OUT/after1.safetensors" --request-id req-1 --force -q ${EXTRA[@]+"${EXTRA[@]}"}
 $L2UL forget "$OUT/after1.safetensors" --images "$OUT/req2" --keep "$OUT/req1" \
-  --out "$OUT/after2.safetensors" --request-id req-2 --force
+  --out "$OUT/after2.safetensors" --request-id req-2 --force ${EXTRA[@]+"${EXTRA[@]}"}
 $L2UL history "$OUT/after2.safetensors"
 $L2UL eval "$OUT/after2.safetensors" --images images/forget -q --report "$OUT/all-forgotten.json"
 python3 -c "import json,sys; a=json.load(open(sys.argv[1]))['accuracy']; print(f'accuracy on all 8 forgotten images: {a:.0%}')" "$OUT/all-forgotten.json"

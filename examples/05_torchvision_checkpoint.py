@@ -13,6 +13,8 @@ architecture, classes or preprocessing, so the command names them:
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,7 +65,8 @@ def main() -> None:
     l2ul = [sys.executable, "-m", "l2ul_cli"]
     common = ["--arch", "torchvision:resnet18", "--input-size", "28,28", "--mean", str(MEAN), "--std", str(STD)]
     subprocess.run([*l2ul, "forget", str(ckpt), "--images", str(images), *common,
-                    "--out", str(out / "tv-forgot.safetensors"), "--report", str(out / "tv-forget.json"), "--force"], check=True)
+                    "--out", str(out / "tv-forgot.safetensors"), "--report", str(out / "tv-forget.json"), "--force",
+                    *shlex.split(os.environ.get("L2UL_ARGS", ""))], check=True)
     # The output is an l2ul checkpoint: it now carries arch, classes and preprocessing.
     subprocess.run([*l2ul, "info", str(out / "tv-forgot.safetensors")], check=True)
 
