@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attack import adversarial_set
-from .config import AttackConfig, Goal, UnlearnConfig, resolve_eps
+from .config import AttackConfig, Goal, UnlearnConfig
 from .errors import NumericalError
 from .importance import ImportancePenalty, mas_importance
 
@@ -102,7 +102,7 @@ def _attack_with_retry(model, images, labels, num_classes, attack: AttackConfig,
             progress.start("attack", images.shape[0] * attack.n_adv)
             return adversarial_set(
                 model, images, labels, num_classes, n_adv=attack.n_adv, generator=generator,
-                per_copy_targets=attack.per_copy_targets, eps=resolve_eps(attack.eps, tuple(images.shape[1:])), step_size=attack.step_size,
+                per_copy_targets=attack.per_copy_targets, eps=attack.radius(tuple(images.shape[1:])), step_size=attack.step_size,
                 steps=attack.steps, random_start=attack.random_start, batch_size=batch,
                 autocast_dtype=autocast_dtype, progress=progress.advance,
             )
@@ -158,7 +158,7 @@ def unlearn(
             # Random-direction copies farther out than the attack reaches: the original model
             # mostly keeps their class, so distilling on them keeps the region around each
             # forget image while the image itself moves.
-            eps = resolve_eps(attack.eps, tuple(images.shape[1:]))
+            eps = attack.radius(tuple(images.shape[1:]))
             x_noise = images.repeat_interleave(config.noise_copies, dim=0)
             u = torch.randn(x_noise.shape, generator=generator).to(device)
             u = u / u.flatten(1).norm(dim=1).view(-1, *([1] * (u.dim() - 1)))

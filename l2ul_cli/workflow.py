@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import sha256_file, write_checkpoint
-from .config import DEFAULT_METHOD, resolve_eps, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
+from .config import DEFAULT_METHOD, attack_preset, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
 from .data import Sample, load_images, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
@@ -116,6 +116,7 @@ def run_request(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     attack: AttackConfig | None = None,
+    attack_overrides: dict[str, Any] | None = None,
     unlearn_overrides: dict[str, Any] | None = None,
     request_id: str | None = None,
     record_paths: bool = False,
@@ -136,7 +137,7 @@ def run_request(
     if method not in allowed:
         raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
     cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
-    attack = attack or AttackConfig()
+    attack = attack or attack_preset(method, **(attack_overrides or {}))
     dev = resolve_device(device)
     ckpt = Path(checkpoint)
 
@@ -218,7 +219,7 @@ def run_request(
         "output_sha256": None,
         "adv_attack_success": result.adv_attack_success,
         "lambda_final": result.lam_final,
-        "config": {"attack": {**asdict(attack), "eps": resolve_eps(attack.eps, tuple(x.shape[1:]))}, "unlearn": asdict(cfg)},
+        "config": {"attack": {**asdict(attack), "eps": attack.radius(tuple(x.shape[1:]))}, "unlearn": asdict(cfg)},
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }

@@ -1,0 +1,99 @@
+"""Quick comparison of unlearning settings on any l2ul checkpoint and Fashion-MNIST images.
+
+Forgets k random Fashion-MNIST training images with each variant, from the same checkpoint, and
+prints test accuracy (2,000 random test images) after each. Meant for sweeps on a small model
+such as the shipped example (one variant takes seconds to minutes on a CPU core); the headline
+figures come from quality.py.
+
+    python benchmarks/variants.py examples/fashion-mnist-lcnet_050.safetensors --k 8 --seed 0 \\
+        default "eps_at_28x28=0.5,noise_copies=10,noise_radius=2" "lr=1e-5,max_steps=3000"
+
+A variant is ``key=value`` pairs, comma-separated: fields of UnlearnConfig or AttackConfig, plus
+``method=NAME`` (default l2ul). The attack defaults to N_adv=5 and 20 PGD steps (``--n-adv``,
+``--attack-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import fields, replace
+
+import torch
+
+from l2ul_cli.config import AttackConfig, attack_preset, preset
+from l2ul_cli.datasets import load_fashion_mnist
+from l2ul_cli.errors import NumericalError
+from l2ul_cli.evaluate import accuracy, predict
+from l2ul_cli.models import load_model
+
+
+def parse(variant: str) -> tuple[str, dict, dict]:
+    """(method, UnlearnConfig overrides, AttackConfig overrides) of one variant string."""
+    kv = dict(x.split("=", 1) for x in variant.split(",")) if variant != "default" else {}
+    method = kv.pop("method", "l2ul")
+    afields = {f.name for f in fields(AttackConfig)}
+    att, unl = {}, {}
+    base = preset(method)
+    for key, val in kv.items():
+        if key in afields:
+            cur = getattr(AttackConfig(), key)
+            att[key] = float(val) if cur is None or isinstance(cur, float) else type(cur)(val)
+        else:
+            cur = getattr(base, key)
+            unl[key] = val if isinstance(cur, str) else (val in ("1", "true") if isinstance(cur, bool) else type(cur)(val))
+    return method, unl, att
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-adv", type=int, default=5)
+    ap.add_argument("--attack-steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    xtr, ytr = load_fashion_mnist("train")
+    xte, yte = load_fashion_mnist("test")
+
+    def tensor(a):
+        return torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0
+
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(ytr), generator=g)[:args.k].numpy()
+    xf, yf = tensor(xtr[idx]), torch.tensor(ytr[idx]).long()
+    ti = torch.randperm(len(yte), generator=g)[:2000].numpy()
+    xt, yt = tensor(xte[ti]), torch.tensor(yte[ti]).long()
+    dev = torch.device("cpu")
+    base = load_model(args.checkpoint, None, device=dev).model
+    before = accuracy(predict(base, xt.split(500), dev), yt)
+    print(f"k={args.k} seed={args.seed}: test accuracy before {before * 100:.1f} %, "
+          f"forget accuracy before {accuracy(predict(base, [xf], dev), yf) * 100:.0f} %")
+    print("| variant | goal | steps | D_test | drop | seconds |\n|---|---|---|---|---|---|")
+    for v in args.variants:
+        method, unl, att = parse(v)
+        model = load_model(args.checkpoint, None, device=dev).model
+        attack = attack_preset(method, **{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
+        t0 = time.perf_counter()
+        try:
+            r = unlearn_once(model, xf, yf, replace(preset(method), **unl), attack, args.seed)
+        except NumericalError:
+            print(f"| {v} | diverged | – | – | – | {time.perf_counter() - t0:.0f} |", flush=True)
+            continue
+        acc = accuracy(predict(model, xt.split(500), dev), yt)
+        print(f"| {v} | {'met' if r.goal_met else 'NOT met'} | {r.steps} | {acc * 100:.1f} | {(before - acc) * 100:.1f} | "
+              f"{time.perf_counter() - t0:.0f} |", flush=True)
+
+
+def unlearn_once(model, x, y, cfg, attack, seed):
+    from l2ul_cli.unlearn import unlearn
+
+    return unlearn(model, x, y, goal="forget", num_classes=10, config=cfg, attack=attack, seed=seed)
+
+
+if __name__ == "__main__":
+    main()
