@@ -60,8 +60,9 @@ class PixelClassifier(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], channels_last: bool | None = None):
         super().__init__()
-        if channels_last is None:
-            channels_last = any(isinstance(m, nn.Conv2d) for m in net.modules())
+        if channels_last is None:  # lazy (uninitialised) parameters cannot change layout yet
+            channels_last = any(isinstance(m, nn.Conv2d) for m in net.modules()) and not any(
+                isinstance(p, nn.parameter.UninitializedParameter) for p in net.parameters())
         self.channels_last = channels_last
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
