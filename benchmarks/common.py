@@ -110,3 +110,24 @@ class Evaluator:
 
 def fresh(path: Path, dev: torch.device) -> LoadedModel:
     return load_model(path, device=dev)
+
+
+def split_settings(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:
+    """``key=value`` strings → (UnlearnConfig overrides, AttackConfig overrides), each value
+    cast to its field's type; shared by quality.py's method strings and variants.py."""
+    from dataclasses import fields
+
+    from l2ul_cli.config import AttackConfig, preset
+
+    afields = {f.name for f in fields(AttackConfig)}
+    unl, att = {}, {}
+    for key, val in pairs.items():
+        cur = getattr(AttackConfig() if key in afields else preset(method), key)
+        if isinstance(cur, bool):
+            cast = val in ("1", "true")
+        elif cur is None or isinstance(cur, float):
+            cast = float(val)
+        else:
+            cast = type(cur)(val)
+        (att if key in afields else unl)[key] = cast
+    return unl, att

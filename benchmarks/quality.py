@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Evaluator, device_name, fresh, train_resnet18  # noqa: E402
+from common import Evaluator, device_name, fresh, split_settings, train_resnet18  # noqa: E402
 
 from l2ul_cli.config import attack_preset, preset  # noqa: E402
 from l2ul_cli.evaluate import accuracy, predict  # noqa: E402
@@ -44,23 +44,11 @@ def new_labels(y: torch.Tensor, seed: int) -> torch.Tensor:
 def parse_variant(name: str, overrides: dict, attack_over: dict) -> tuple[str, dict, dict]:
     """``l2ul[bn=train,eps_at_28x28=1]``: a method with its own settings, so variants are compared
     in one run on one model. Keys are UnlearnConfig or AttackConfig fields."""
-    from dataclasses import fields
-
-    from l2ul_cli.config import AttackConfig
-
     if "[" not in name:
         return name, overrides, attack_over
     base, spec = name.rstrip("]").split("[", 1)
-    unl, att = dict(overrides), dict(attack_over)
-    afields = {f.name: f for f in fields(AttackConfig)}
-    for kv in filter(None, spec.split(",")):
-        key, val = kv.split("=")
-        if key in afields:
-            att[key] = float(val) if key.startswith("eps") or key == "step_size" else int(val)
-        else:
-            cur = getattr(preset(base), key)
-            unl[key] = val if isinstance(cur, str) else (val in ("1", "true") if isinstance(cur, bool) else type(cur)(val))
-    return base, unl, att
+    unl, att = split_settings(base, dict(kv.split("=", 1) for kv in filter(None, spec.split(","))))
+    return base, {**overrides, **unl}, {**attack_over, **att}
 
 
 def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack_over: dict, overrides: dict) -> dict:

@@ -17,33 +17,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from l2ul_cli.config import AttackConfig, attack_preset, preset
+from l2ul_cli.config import attack_preset, preset
 from l2ul_cli.datasets import load_fashion_mnist
 from l2ul_cli.errors import NumericalError
 from l2ul_cli.evaluate import accuracy, predict
 from l2ul_cli.models import load_model
+from l2ul_cli.unlearn import unlearn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import split_settings  # noqa: E402
 
 
 def parse(variant: str) -> tuple[str, dict, dict]:
     """(method, UnlearnConfig overrides, AttackConfig overrides) of one variant string."""
     kv = dict(x.split("=", 1) for x in variant.split(",")) if variant != "default" else {}
     method = kv.pop("method", "l2ul")
-    afields = {f.name for f in fields(AttackConfig)}
-    att, unl = {}, {}
-    base = preset(method)
-    for key, val in kv.items():
-        if key in afields:
-            cur = getattr(AttackConfig(), key)
-            att[key] = float(val) if cur is None or isinstance(cur, float) else type(cur)(val)
-        else:
-            cur = getattr(base, key)
-            unl[key] = val if isinstance(cur, str) else (val in ("1", "true") if isinstance(cur, bool) else type(cur)(val))
-    return method, unl, att
+    return (method, *split_settings(method, kv))
 
 
 def main() -> None:
@@ -80,19 +76,14 @@ def main() -> None:
         attack = attack_preset(method, **{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
         t0 = time.perf_counter()
         try:
-            r = unlearn_once(model, xf, yf, replace(preset(method), **unl), attack, args.seed)
+            r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=replace(preset(method), **unl),
+                        attack=attack, seed=args.seed)
         except NumericalError:
             print(f"| {v} | diverged | – | – | – | {time.perf_counter() - t0:.0f} |", flush=True)
             continue
         acc = accuracy(predict(model, xt.split(500), dev), yt)
         print(f"| {v} | {'met' if r.goal_met else 'NOT met'} | {r.steps} | {acc * 100:.1f} | {(before - acc) * 100:.1f} | "
               f"{time.perf_counter() - t0:.0f} |", flush=True)
-
-
-def unlearn_once(model, x, y, cfg, attack, seed):
-    from l2ul_cli.unlearn import unlearn
-
-    return unlearn(model, x, y, goal="forget", num_classes=10, config=cfg, attack=attack, seed=seed)
 
 
 if __name__ == "__main__":
