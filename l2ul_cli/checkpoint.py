@@ -180,8 +180,35 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor
     # safetensors refuses tensors that share storage (tied weights): give each its own copy.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     header = {"format": "pt", META_KEY: json.dumps({"version": META_VERSION, **meta}, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=header)
+        _sort_metadata_in_place(tmp)
+
+    atomic_write(path, write)
     return sha256_file(path)
+
+
+def _sort_metadata_in_place(path: str) -> None:
+    """Rewrite the header with its metadata keys sorted, so equal inputs give equal bytes.
+
+    safetensors keeps ``__metadata__`` in a Rust HashMap, whose key order changes from call to
+    call: the same tensors and metadata gave two different files (seen as a same-seed test that
+    failed about one run in three). Sorting keeps the header's length, so only it is rewritten.
+    """
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # Same separators and escaping as the writer, so the text has the same length.
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never expected; leave the (valid) file as written
+            return
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -79,6 +79,14 @@ def test_write_read_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+def test_same_checkpoint_written_twice_has_same_bytes(tmp_path):
+    # safetensors orders metadata keys at random (a Rust HashMap); the writer sorts them.
+    sd, meta = {"w": torch.arange(6.0)}, {"arch": "x", "ledger": [{"id": "é"}]}
+    digests = {write_checkpoint(tmp_path / f"{i}.safetensors", sd, meta) for i in range(12)}
+    assert len(digests) == 1
+    assert read_checkpoint(tmp_path / "0.safetensors").meta["ledger"] == [{"id": "é"}]
+
+
 def test_write_checkpoint_handles_tied_and_non_contiguous_tensors(tmp_path):
     w = torch.randn(4, 6)
     sd = {"a": w, "b": w, "c": w.t()}  # shared storage and a transposed view

@@ -146,8 +146,6 @@ def test_neggrad_meets_the_goal_or_stops_cleanly_on_divergence(digits_checkpoint
         assert not out.exists() and not rep.exists()
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent since 2026-11-25: about 1 run in 4 gave different bytes for "
-                   "the same seed on CPU (with and without channels_last); cause not found yet, see issue 7")
 def test_same_seed_same_bytes_on_cpu(digits_checkpoint, forget_dir, tmp_path, monkeypatch):
     from l2ul_cli.checkpoint import read_checkpoint
 
