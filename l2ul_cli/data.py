@@ -40,6 +40,16 @@ class Sample:
     label: int | None = None
     new_label: int | None = None
     source: str = ""  # where it came from, for error messages ("fixes.csv:3")
+    outside: bool = False  # a manifest path that leads out of the manifest's folder
+
+
+def outside_note(samples: Sequence[Sample]) -> str | None:
+    """The report line for manifest paths outside the manifest's folder (allowed, but said)."""
+    out = [s.source for s in samples if s.outside]
+    if not out:
+        return None
+    more = f" and {len(out) - 5} more" if len(out) > 5 else ""
+    return f"{len(out)} manifest path(s) lead outside the manifest's folder: {', '.join(out[:5])}{more}"
 
 
 def _natural_key(s: str) -> list:
@@ -110,8 +120,9 @@ def read_manifest(
 ) -> list[Sample]:
     """Samples of a CSV manifest with columns ``path``, ``new_label`` and optional ``label``.
 
-    Relative paths resolve against the manifest's folder. A UTF-8 BOM and blank lines are
-    accepted; anything else malformed names the file and line.
+    Relative paths resolve against the manifest's folder; a path that leads out of it (``..``,
+    absolute, a symlink) is allowed and flagged. A UTF-8 BOM and blank lines are accepted;
+    anything else malformed names the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,7 +166,8 @@ def read_manifest(
             raise InputError(f"{where}: empty new_label")
         if new is not None and label is not None and new == label:
             raise InputError(f"{where}: new_label equals the current label ({row[col['label']].strip()})")
-        samples.append(Sample(path=p, label=label, new_label=new, source=where))
+        outside = not p.resolve().is_relative_to(path.parent.resolve())
+        samples.append(Sample(path=p, label=label, new_label=new, source=where, outside=outside))
     if not samples:
         raise InputError(f"{path}: manifest lists no images")
     return samples

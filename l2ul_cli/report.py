@@ -98,6 +98,8 @@ def render_eval(report: dict[str, Any], console: Console) -> None:
     for name, v in report["per_class"].items():
         pc.add_row(name, _pct(v["accuracy"]), str(v["n"]))
     console.print(pc)
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def render_history(report: dict[str, Any], console: Console) -> None:

@@ -8,6 +8,7 @@ the first expensive step, and nothing is written unless the run succeeds.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from .checkpoint import sha256_file, write_checkpoint
 from .config import DEFAULT_METHOD, attack_preset, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
-from .data import Sample, load_images, read_manifest, scan_folder
+from .data import Sample, load_images, outside_note, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
@@ -55,8 +56,13 @@ def check_output(out: Path, checkpoint: Path, force: bool, what: str = "output")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{out}: folder {folder} is not writable")
+    # Try it rather than ask os.access, which says yes to root and knows no read-only mounts.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".l2ul-probe-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{out}: folder {folder} is not writable ({exc.strerror})") from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 def load_samples(loaded: LoadedModel, images: str | os.PathLike | None, manifest: str | os.PathLike | None,
@@ -199,6 +205,8 @@ def run_request(
         notes.append(f"warning: {broken}; the ledger starts a new segment")
     if loaded.ledger and not kept:
         notes.append(f"{len(loaded.ledger)} earlier request(s) in the ledger were not re-checked (pass their images with --keep)")
+    if outside := outside_note(samples + kept):
+        notes.append(outside)
     if goal == "relabel" and same:
         notes.append(f"{len(same)} image(s) were already predicted as their new label before the run")
     report: dict[str, Any] = {
@@ -336,5 +344,7 @@ def evaluate_checkpoint(
         report["forget"] = {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
                             "streisand": streisand(f_labels, f_logits.argmax(1), loaded.num_classes)}
         report["mia"] = membership_inference(f_logits, f_labels, logits, labels)
+    if outside := outside_note(samples + (f_samples if forget_set is not None else [])):
+        report["notes"] = [outside]
     report["seconds"] = {"total": time.perf_counter() - t0}
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -228,6 +229,25 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forge
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["read_only_folder", "proc"])
+def test_unwritable_output_folder_is_refused_before_any_work(where, digits_checkpoint, forget_dir, tmp_path):
+    if where == "read_only_folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; the /proc case covers root")
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+    else:
+        folder = Path("/proc")
+        if not folder.is_dir():
+            pytest.skip("no /proc on this system")
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", folder / "o.safetensors", *FAST)
+    assert r.exit_code == 1
+    assert "not writable" in one_error_line(r)
+    assert "attack" not in r.output  # refused before the work started
+    assert list(folder.glob("*.safetensors")) == []
+
+
 def test_relabel_from_manifest(digits_checkpoint, digits, tmp_path):
     from conftest import DIGIT_NAMES, write_pngs
 
@@ -245,6 +265,18 @@ def test_relabel_from_manifest(digits_checkpoint, digits, tmp_path):
     assert report["after"]["relabel_accuracy"] == 1.0
     assert report["goal_met"] is True
     assert [row["after"] for row in report["images"]] == [row["new_label"] for row in report["images"]]
+
+
+def test_manifest_paths_outside_its_folder_are_reported(digits_checkpoint, forget_dir, tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    png = next((forget_dir / "three").iterdir())
+    (lists / "m.csv").write_text(f"path,label\n../forget/three/{png.name},three\n")
+    rep = tmp_path / "e.json"
+    r = run("eval", digits_checkpoint, "--manifest", lists / "m.csv", "--report", rep, "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    (note,) = json.loads(rep.read_text())["notes"]
+    assert "outside the manifest's folder" in note and "m.csv:2" in note
 
 
 def test_eval_metrics_compare_and_mia(digits_checkpoint, forget_dir, heldout_dir, tmp_path):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from l2ul_cli.data import IMG_EXTENSIONS, Sample, load_image, load_images, read_manifest, scan_folder
+from l2ul_cli.data import IMG_EXTENSIONS, Sample, load_image, load_images, outside_note, read_manifest, scan_folder
 from l2ul_cli.errors import InputError
 from l2ul_cli.models import Preprocessing
 
@@ -202,6 +202,19 @@ def test_manifest_relative_paths_resolve_against_its_folder(images, tmp_path, mo
     samples = read_manifest(m, None, 3, require_new_label=True)
     assert [s.path for s in samples] == [images / "imgs" / "a.png", images / "imgs" / "b.png", absolute]
     assert all(s.path.is_file() for s in samples)
+
+
+def test_manifest_paths_outside_its_folder_are_allowed_and_flagged(images, tmp_path):
+    sub = images / "lists"
+    sub.mkdir()
+    (sub / "here.png").write_bytes((images / "imgs" / "a.png").read_bytes())
+    absolute = images / "imgs" / "c.png"
+    m = _manifest(sub, f"path,new_label\nhere.png,1\n../imgs/b.png,1\n{absolute},2\n")
+    samples = read_manifest(m, None, 3, require_new_label=True)
+    assert [s.outside for s in samples] == [False, True, True]
+    note = outside_note(samples)
+    assert note.startswith("2 manifest path(s) lead outside") and f"{m}:3" in note and f"{m}:4" in note
+    assert outside_note(samples[:1]) is None
 
 
 def test_manifest_label_column_is_optional(images):
