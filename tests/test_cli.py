@@ -229,6 +229,41 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forge
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["relabel", "eval"])
+@pytest.mark.parametrize("case", ["missing_checkpoint", "missing_manifest", "missing_column", "label_out_of_range",
+                                  "truncated_checkpoint", "new_label_is_current"])
+def test_bad_input_other_commands(command, case, digits_checkpoint, forget_dir, tmp_path):
+    png = next((forget_dir / "three").iterdir())
+    ck, rows = digits_checkpoint, f"path,label,new_label\n{png},three,four\n"
+    if case == "missing_checkpoint":
+        ck = tmp_path / "nope.safetensors"
+    elif case == "missing_column":
+        rows = f"file,new_label\n{png},four\n"
+    elif case == "label_out_of_range":
+        rows = f"path,label,new_label\n{png},three,10\n"
+    elif case == "truncated_checkpoint":
+        ck = tmp_path / "cut.safetensors"
+        ck.write_bytes(digits_checkpoint.read_bytes()[:5000])
+    elif case == "new_label_is_current":
+        if command == "eval":
+            pytest.skip("eval has no new label")
+        rows = f"path,label,new_label\n{png},three,3\n"
+    manifest = tmp_path / "m.csv"
+    if case != "missing_manifest":
+        manifest.write_text(rows)
+    before = sha(digits_checkpoint)
+    out = ["--out", tmp_path / "o.safetensors"] if command == "relabel" else []
+    r = run(command, ck, "--manifest", manifest, "--report", tmp_path / "r.json", *out, "--device", "cpu", "-q")
+    assert r.exit_code == 1, r.output
+    line = one_error_line(r)
+    assert str(ck if "checkpoint" in case else manifest) in line
+    if case in ("missing_column", "label_out_of_range", "new_label_is_current"):
+        assert f"{manifest}:" in line  # and the line of the CSV
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "o.safetensors").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert sha(digits_checkpoint) == before
+
+
 @pytest.mark.parametrize("where", ["read_only_folder", "proc"])
 def test_unwritable_output_folder_is_refused_before_any_work(where, digits_checkpoint, forget_dir, tmp_path):
     if where == "read_only_folder":
