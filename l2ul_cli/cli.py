@@ -12,8 +12,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from . import __version__
@@ -22,7 +24,31 @@ from .errors import GoalNotMet, L2ULError
 from .progress import RichProgress
 from .report import render_run, to_json, write_markdown
 
+
+class _Group(TyperGroup):
+    """Click's own usage errors in the house style: one ``error:`` line on stderr, exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `l2ul`: show the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            msg = " ".join(exc.format_message().split())
+            hint = f" (see '{exc.ctx.command_path} --help')" if isinstance(exc, click.UsageError) and exc.ctx else ""
+            typer.echo(f"error: {msg[:1].lower()}{msg[1:]}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="l2ul",
     help="Make a trained image classifier forget, or relabel, specific images without retraining it.",
     no_args_is_help=True,
@@ -80,6 +106,34 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
 def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
     vals = _floats(text, what)
     return None if vals is None else [int(v) for v in vals]
+
+
+def _load_config(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """--config: the file's values become the command's defaults, so flags still win."""
+    if value is None:
+        return value
+    from .configfile import options_for, read_config_file
+
+    def keys(command: click.Command) -> dict[str, str]:
+        return {k: p.name for p in command.params if isinstance(p, click.Option) and p.name != "config"
+                for o in p.opts if o.startswith("--") for k in (o[2:], o[2:].replace("-", "_"))}
+
+    root = ctx.find_root().command
+    others = {k for c in getattr(root, "commands", {}).values() if c is not ctx.command for k in keys(c)}
+    paths = {p.name for p in ctx.command.params if isinstance(p.type, click.Path)}
+    try:
+        values = options_for(read_config_file(value), ctx.info_name or "", keys(ctx.command), paths, value, others)
+    except L2ULError as exc:
+        raise click.ClickException(exc.message) from None
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def _resolved_options() -> dict[str, Any]:
+    """Every option's final value (flag, --config or default), for the report."""
+    ctx = click.get_current_context()
+    return {k: (v.value if isinstance(v, Enum) else [str(x) for x in v] if isinstance(v, (list, tuple))
+                else str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items()}
 
 
 def _stderr() -> Console:
@@ -142,6 +196,7 @@ AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Overr
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
 RecordPathsOpt = Annotated[bool, typer.Option("--record-paths", help="Record image paths in the checkpoint's ledger (by default only their SHA-256).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", callback=_load_config, is_eager=True, help="TOML (or YAML) file of option = value (keys as the long options; [forget]/[relabel]/[eval] tables); flags win.")]
 MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a human-readable Markdown report here.")]
 EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="Labelled held-out images to evaluate before and after (accuracy in the report).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (everything else on stderr).")]
@@ -156,6 +211,7 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
 
     err = _stderr()
     progress = RichProgress(err, enabled=not quiet)
+    options = _resolved_options()
 
     def body():
         try:
@@ -169,7 +225,7 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
                                    "objective": objective.value if objective else None,
                                    "adv_loss": adv_loss.value if adv_loss else None},
                 request_id=request_id, eval_images=eval_images, keep=keep or (), record_paths=record_paths,
-                progress=progress,
+                progress=progress, options=options,
             )
         except GoalNotMet as exc:
             if markdown is not None and exc.report is not None:
@@ -231,6 +287,7 @@ def forget(
     keep: KeepOpt = None,
     record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
+    config: ConfigOpt = None,
     markdown: MarkdownOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -275,6 +332,7 @@ def relabel(
     keep: KeepOpt = None,
     record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
+    config: ConfigOpt = None,
     markdown: MarkdownOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -298,6 +356,7 @@ def eval_(
     report: ReportOpt = None,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A second checkpoint to run on the same images.")] = None,
     forget_set: Annotated[Optional[Path], typer.Option("--forget", help="Unlearned images (folder or CSV): membership inference against --images as held-out data.")] = None,
+    config: ConfigOpt = None,
     markdown: MarkdownOpt = None,
     device: DeviceOpt = Device.auto,
     input_size: InputSizeOpt = None,
@@ -311,10 +370,13 @@ def eval_(
     from .report import render_eval, write_json, write_markdown
     from .workflow import evaluate_checkpoint
 
+    options = _resolved_options()
+
     def body():
         r = evaluate_checkpoint(checkpoint, images=images, manifest=manifest, arch=arch, device=device.value,
                                 compare=compare, forget_set=forget_set, input_size=_ints(input_size, "--input-size"),
                                 mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+        r["options"] = options
         if report is not None:
             write_json(report, r)
         if markdown is not None:

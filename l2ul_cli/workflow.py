@@ -130,6 +130,7 @@ def run_request(
     eval_images: str | os.PathLike | None = None,
     amp: bool = True,
     progress: Progress | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
 
@@ -231,6 +232,8 @@ def run_request(
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }
+    if options is not None:
+        report["options"] = options  # as resolved from flags, --config and defaults
     if kept:
         key = "forget_accuracy" if goal == "forget" else "relabel_accuracy"
         report["keep"] = {"n_images": len(kept), "before": {key: keep_before},

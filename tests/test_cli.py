@@ -229,6 +229,25 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forge
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["forget", "x.safetensors", "--method", "foo"], "invalid value for '--method'"),
+    (["relabel", "x.safetensors"], "missing option '--manifest'"),
+    (["forget"], "missing argument 'CHECKPOINT'"),
+    (["bogus"], "no such command 'bogus'"),
+    (["eval", "x.safetensors", "--no-such-flag"], "no such option"),
+])
+def test_usage_errors_are_one_line_exit_2(args, msg):
+    r = run(*args)
+    assert r.exit_code == 2
+    assert msg in one_error_line(r)
+
+
+def test_help_still_works():
+    assert run("--help").exit_code == 0
+    r = run("forget", "--help")
+    assert r.exit_code == 0 and "--config" in r.output
+
+
 @pytest.mark.parametrize("command", ["relabel", "eval"])
 @pytest.mark.parametrize("case", ["missing_checkpoint", "missing_manifest", "missing_column", "label_out_of_range",
                                   "truncated_checkpoint", "new_label_is_current"])
