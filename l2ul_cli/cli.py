@@ -22,7 +22,7 @@ from . import __version__
 from .config import DEFAULT_METHOD, AttackConfig
 from .errors import GoalNotMet, L2ULError
 from .progress import RichProgress
-from .report import render_run, to_json, write_markdown
+from .report import render_run, to_json
 
 
 class _Group(TyperGroup):
@@ -197,7 +197,8 @@ RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id reco
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
 RecordPathsOpt = Annotated[bool, typer.Option("--record-paths", help="Record image paths in the checkpoint's ledger (by default only their SHA-256).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", callback=_load_config, is_eager=True, help="TOML (or YAML) file of option = value (keys as the long options; [forget]/[relabel]/[eval] tables); flags win.")]
-MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a human-readable Markdown report here.")]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown report here (figures as PNG files beside it with the plots extra).")]
+HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Also write an HTML report here (figures as PNG files beside it with the plots extra).")]
 EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="Labelled held-out images to evaluate before and after (accuracy in the report).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (everything else on stderr).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")]
@@ -206,7 +207,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report, method, device, seed, force,
              allow_partial, input_size, mean, std, eps, n_adv, attack_steps, attack_step_size, per_copy_targets,
-             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, record_paths, markdown, json_out, quiet, debug) -> None:
+             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, record_paths, markdown, html, json_out, quiet, debug) -> None:
     from .workflow import run_request
 
     err = _stderr()
@@ -228,20 +229,38 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
                 progress=progress, options=options,
             )
         except GoalNotMet as exc:
-            if markdown is not None and exc.report is not None:
-                write_markdown(markdown, exc.report)
+            if exc.report is not None:
+                _documents(exc.report, markdown, html)
             _show(exc.report, json_out, quiet)
             raise
         finally:
             progress.close()
 
-    def body_md():
+    def body_docs():
+        _check_documents(checkpoint, markdown, html)
         r = body()
-        if markdown is not None:
-            write_markdown(markdown, r)
+        _documents(r, markdown, html)
         return r
 
-    _show(_run(body_md, debug), json_out, quiet)
+    _show(_run(body_docs, debug), json_out, quiet)
+
+
+def _check_documents(checkpoint: Path, markdown: Optional[Path], html: Optional[Path]) -> None:
+    """Refuse unwritable report paths before the work, not after it."""
+    from .workflow import check_output
+
+    for path, what in ((markdown, "Markdown report"), (html, "HTML report")):
+        if path is not None:
+            check_output(path, checkpoint, True, what)
+
+
+def _documents(report: dict, markdown: Optional[Path], html: Optional[Path]) -> None:
+    from .document import write_document
+
+    if markdown is not None:
+        write_document(markdown, report, "markdown")
+    if html is not None:
+        write_document(html, report, "html")
 
 
 def _show(report: Optional[dict], json_out: bool, quiet: bool) -> None:
@@ -289,6 +308,7 @@ def forget(
     eval_images: EvalOpt = None,
     config: ConfigOpt = None,
     markdown: MarkdownOpt = None,
+    html: HtmlOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -299,7 +319,7 @@ def forget(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command()
@@ -334,6 +354,7 @@ def relabel(
     eval_images: EvalOpt = None,
     config: ConfigOpt = None,
     markdown: MarkdownOpt = None,
+    html: HtmlOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -344,7 +365,7 @@ def relabel(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command("eval")
@@ -358,6 +379,7 @@ def eval_(
     forget_set: Annotated[Optional[Path], typer.Option("--forget", help="Unlearned images (folder or CSV): membership inference against --images as held-out data.")] = None,
     config: ConfigOpt = None,
     markdown: MarkdownOpt = None,
+    html: HtmlOpt = None,
     device: DeviceOpt = Device.auto,
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
@@ -367,20 +389,20 @@ def eval_(
     debug: DebugOpt = False,
 ) -> None:
     """Accuracy, top-5, per-class accuracy and confusion of a checkpoint on labelled images."""
-    from .report import render_eval, write_json, write_markdown
+    from .report import render_eval, write_json
     from .workflow import evaluate_checkpoint
 
     options = _resolved_options()
 
     def body():
+        _check_documents(checkpoint, markdown, html)
         r = evaluate_checkpoint(checkpoint, images=images, manifest=manifest, arch=arch, device=device.value,
                                 compare=compare, forget_set=forget_set, input_size=_ints(input_size, "--input-size"),
                                 mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
         r["options"] = options
         if report is not None:
             write_json(report, r)
-        if markdown is not None:
-            write_markdown(markdown, r)
+        _documents(r, markdown, html)
         return r
 
     r = _run(body, debug)

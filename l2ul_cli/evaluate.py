@@ -8,7 +8,7 @@ Everything takes logits and labels (tensors), so each metric is tested on hand-m
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +64,25 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return float((r_pos - p.numel() * (p.numel() + 1) / 2) / (p.numel() * n.numel()))
 
 
+def loss_histogram(forget_loss: torch.Tensor, heldout_loss: torch.Tensor, bins: int = 28,
+                   lo: float = -5.0, hi: float = 2.0) -> dict[str, list]:
+    """Counts of log10 loss in fixed bins (losses outside [1e-5, 100] go to the end bins), so
+    reports can draw what the loss attack sees without carrying every image's loss."""
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+
+    def counts(loss: torch.Tensor) -> list[int]:
+        x = loss.double().clamp_min(1e-30).log10().clamp(lo, hi)
+        idx = torch.bucketize(x, edges[1:-1], right=True)
+        return torch.bincount(idx, minlength=bins).tolist()
+
+    return {"log10_edges": [round(float(e), 6) for e in edges], "forget": counts(forget_loss), "heldout": counts(heldout_loss)}
+
+
 def membership_inference(
     forget_logits: torch.Tensor, forget_labels: torch.Tensor, heldout_logits: torch.Tensor, heldout_labels: torch.Tensor
-) -> dict[str, float]:
-    """AUC of two simple attacks telling forget images (members) from held-out images.
+) -> dict[str, Any]:
+    """AUC of two simple attacks telling forget images (members) from held-out images, and the
+    loss histogram behind the first.
 
     Loss attack: members have lower loss, so the score is −loss. Confidence attack: members get
     a higher top probability. 0.5 means the attacker cannot tell them apart.
@@ -78,9 +93,11 @@ def membership_inference(
     def conf(lg):
         return lg.float().softmax(1).max(1).values
 
+    f_loss, h_loss = loss(forget_logits, forget_labels), loss(heldout_logits, heldout_labels)
     return {
-        "loss_auc": auc(-loss(forget_logits, forget_labels), -loss(heldout_logits, heldout_labels)),
+        "loss_auc": auc(-f_loss, -h_loss),
         "confidence_auc": auc(conf(forget_logits), conf(heldout_logits)),
+        "loss_histogram": loss_histogram(f_loss, h_loss),
     }
 
 

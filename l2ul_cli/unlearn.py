@@ -9,7 +9,6 @@ stops at the first weights that meet it and never takes a step past them.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import sha256_file, write_checkpoint
+from .checkpoint import write_checkpoint
 from .config import DEFAULT_METHOD, attack_preset, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
 from .data import Sample, load_images, outside_note, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
@@ -164,10 +164,13 @@ def run_request(
     if loaded.source.meta.get("_unparsable"):
         broken = "the checkpoint's l2ul metadata does not parse; a new ledger starts here"
     model = loaded.model
-    eval_before = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded) if eval_images else None
     before_logits = predict(model, [x], dev)
     before_pred = before_logits.argmax(1)
     labels = torch.tensor([s.label if s.label is not None else int(before_pred[i]) for i, s in enumerate(samples)])
+    # With --eval, a forget request also gets the membership-inference check before and after.
+    mia_set = [replace(s, label=int(labels[i])) for i, s in enumerate(samples)] if goal == "forget" else None
+    eval_before = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded,
+                                      forget_set=mia_set) if eval_images else None
     new = None
     if goal == "relabel":
         new = torch.tensor([s.new_label for s in samples])
@@ -239,7 +242,7 @@ def run_request(
         report["keep"] = {"n_images": len(kept), "before": {key: keep_before},
                           "after": {key: accuracy(all_logits[n:], t_all[n:])}}
     if eval_before is not None:
-        eval_after = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded)
+        eval_after = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded, forget_set=mia_set)
         report["eval"] = {"images": str(eval_images), "before": eval_before, "after": eval_after}
         report["before"]["accuracy"] = eval_before["accuracy"]
         report["after"]["accuracy"] = eval_after["accuracy"]
@@ -303,15 +306,15 @@ def evaluate_checkpoint(
     arch: str | None = None,
     device: str = "auto",
     compare: str | os.PathLike | None = None,
-    forget_set: str | os.PathLike | None = None,
+    forget_set: str | os.PathLike | Sequence[Sample] | None = None,
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on labelled images; optionally against another checkpoint
-    (``compare``) and with a membership-inference check of unlearned images (``forget_set``,
-    with ``images`` as the held-out data)."""
+    (``compare``) and with a membership-inference check of unlearned images (``forget_set``: a
+    folder, a CSV or labelled samples, with ``images`` as the held-out data)."""
     from .evaluate import membership_inference, streisand, summarize
 
     t0 = time.perf_counter()
@@ -338,16 +341,20 @@ def evaluate_checkpoint(
                          "this": loaded.class_name(int(pred[i])), "other": loaded.class_name(int(o_pred[i]))}
                         for i in changed],
         }
+    f_samples: list[Sample] = []
     if forget_set is not None:
-        p = Path(forget_set)
-        f_samples = scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else \
-            read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=False)
+        if isinstance(forget_set, (str, os.PathLike)):
+            p = Path(forget_set)
+            f_samples = scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else \
+                read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=False)
+        else:
+            f_samples = list(forget_set)
         f_labels = _labelled(f_samples, "--forget")
         f_logits = _logits(loaded, f_samples, dev)
         report["forget"] = {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
                             "streisand": streisand(f_labels, f_logits.argmax(1), loaded.num_classes)}
         report["mia"] = membership_inference(f_logits, f_labels, logits, labels)
-    if outside := outside_note(samples + (f_samples if forget_set is not None else [])):
+    if outside := outside_note(samples + f_samples):
         report["notes"] = [outside]
     report["seconds"] = {"total": time.perf_counter() - t0}
     return report

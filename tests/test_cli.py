@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -369,21 +370,44 @@ def test_default_method_keeps_accuracy_elsewhere(digits_checkpoint, forget_dir, 
     assert ours["eval"]["after"]["n_images"] == 297
 
 
-def test_markdown_report(digits_checkpoint, forget_dir, tmp_path):
-    md = tmp_path / "r.md"
-    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--markdown", md, *FAST)
+def test_markdown_and_html_reports_with_figures(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    md, page = tmp_path / "r.md", tmp_path / "r.html"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors",
+            "--eval", heldout_dir, "--markdown", md, "--html", page, *FAST)
     assert r.exit_code == 0, r.output
     text = md.read_text()
     assert text.startswith("# l2ul forget") and "goal met" in text
     assert "| forget accuracy | 100.0% | 0.0% |" in text
     assert text.count(".png`") == 8  # one row per image
+    assert "## Membership inference" in text and "| after |" in text
+    doc = page.read_text()
+    assert doc.startswith("<!doctype html>") and "<h1>l2ul forget</h1>" in doc
+    assert "<td>forget accuracy</td><td>100.0%</td><td>0.0%</td>" in doc
+    assert doc.count("<code>img-") == 8
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "<img" not in doc and "![" not in text
+        return
+    for name in ("labels", "accuracy", "mia"):
+        for stem in ("r",):
+            png = tmp_path / f"{stem}-{name}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(r-{name}.png)" in text and f'src="r-{name}.png"' in doc
 
 
-def test_markdown_label_matrix_png(digits_checkpoint, forget_dir, tmp_path):
-    pytest.importorskip("matplotlib")
-    md = tmp_path / "r.md"
-    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--markdown", md, *FAST)
+def test_eval_html_report(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    page = tmp_path / "e.html"
+    r = run("eval", digits_checkpoint, "--images", heldout_dir, "--forget", forget_dir, "--html", page, "--device", "cpu", "-q")
     assert r.exit_code == 0, r.output
-    png = tmp_path / "r-labels.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "(r-labels.png)" in md.read_text()
+    doc = page.read_text()
+    assert "<h1>l2ul eval</h1>" in doc and "Membership inference" in doc
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert 'src="e-accuracy.png"' in doc and 'src="e-mia.png"' in doc
+        assert not (tmp_path / "e-labels.png").exists()  # no request images in an eval
+
+
+def test_report_into_missing_folder_is_refused_before_the_work(digits_checkpoint, forget_dir, tmp_path):
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors",
+            "--html", tmp_path / "nope" / "r.html", *FAST)
+    assert r.exit_code == 1
+    assert "does not exist" in one_error_line(r)
+    assert not (tmp_path / "o.safetensors").exists()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from l2ul_cli.evaluate import (accuracy, auc, confusion, membership_inference, per_class_accuracy, streisand,
+from l2ul_cli.evaluate import (accuracy, auc, confusion, loss_histogram, membership_inference, per_class_accuracy, streisand,
                                summarize, topk_accuracy)
 
 LOGITS = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [2.0, 3.0, 1.0]])
@@ -45,9 +45,11 @@ def test_membership_inference_separable_and_indistinguishable():
     confident = torch.tensor([[9.0, 0.0]] * 4)
     unsure = torch.tensor([[0.1, 0.0]] * 4)
     mia = membership_inference(confident, y, unsure, y)  # members: low loss, high confidence
-    assert mia == {"loss_auc": 1.0, "confidence_auc": 1.0}
+    assert (mia["loss_auc"], mia["confidence_auc"]) == (1.0, 1.0)
+    assert sum(mia["loss_histogram"]["forget"]) == sum(mia["loss_histogram"]["heldout"]) == 4
     same = membership_inference(unsure, y, unsure, y)
-    assert same == {"loss_auc": 0.5, "confidence_auc": 0.5}
+    assert (same["loss_auc"], same["confidence_auc"]) == (0.5, 0.5)
+    assert same["loss_histogram"]["forget"] == same["loss_histogram"]["heldout"]
 
 
 def test_streisand_one_retainer_class_vs_spread():
@@ -60,3 +62,10 @@ def test_streisand_one_retainer_class_vs_spread():
     assert spread["entropy"] == pytest.approx(1.0) and spread["max_share"] == 0.25 and spread["chi2"] == pytest.approx(0.0)
     nothing = streisand(before, before, 5)
     assert nothing["n"] == 0 and math.isnan(nothing["entropy"])
+
+
+def test_loss_histogram_bins_and_clamps():
+    h = loss_histogram(torch.tensor([1e-9, 0.012, 0.05, 500.0]), torch.tensor([1.0]), bins=7, lo=-5.0, hi=2.0)
+    assert h["log10_edges"] == [-5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0]
+    assert h["forget"] == [1, 0, 0, 2, 0, 0, 1]  # 1e-9 → first bin, 500 → last bin
+    assert h["heldout"] == [0, 0, 0, 0, 0, 1, 0]  # loss 1 → log10 0 → the bin [0, 1)

@@ -1,0 +1,149 @@
+"""Human-readable reports (``--markdown``, ``--html``) with their figures as PNG files beside.
+
+The content is built once as a list of blocks from the report dict; Markdown and HTML are two
+small renderers of the same blocks, so the two formats never say different things.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write
+from .plots import FIGURES
+
+# ("title", text) · ("h", text) · ("p", text) · ("ul", [text]) · ("table", header, rows) · ("img", alt, file)
+Block = tuple[Any, ...]
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.1f}%"
+
+
+def _run_blocks(report: dict[str, Any]) -> list[Block]:
+    cmd = report["command"]
+    status = "goal met" if report["goal_met"] else "**goal not met**"
+    out_line = f"output: `{report['output']}`" + (f" (sha256 `{report['output_sha256'][:16]}…`)" if report.get("output_sha256") else "")
+    blocks: list[Block] = [
+        ("p", f"{status} · method `{report['method']}` · {report['n_images']} images · {report['steps']} steps · "
+              f"device {report['device']}"),
+        ("ul", [f"input: `{report['input']}` (sha256 `{report['input_sha256'][:16]}…`)", out_line]),
+        ("table", ["", "before", "after"],
+         [[k.replace("_", " "), _pct(report["before"].get(k)), _pct(report["after"].get(k))]
+          for k in sorted(set(report["before"]) | set(report["after"]))]),
+    ]
+    ev = report.get("eval") or {}
+    mia = [(w, ev[w]["mia"]) for w in ("before", "after") if "mia" in (ev.get(w) or {})]
+    if mia:
+        blocks += [("h", "Membership inference (forget vs --eval images; 0.5 = indistinguishable)"),
+                   ("table", ["", "loss AUC", "confidence AUC"],
+                    [[w, f"{m['loss_auc']:.3f}", f"{m['confidence_auc']:.3f}"] for w, m in mia])]
+    blocks += [("h", "Time per phase"), ("table", ["phase", "seconds"], [[k, f"{v:.2f}"] for k, v in report["seconds"].items()])]
+    header = ["image", "label", "before", "after"] + (["new label"] if cmd == "relabel" else [])
+    rows = [[f"`{Path(r['path']).name}`", r["label"], r["before"], r["after"]] + ([r["new_label"]] if cmd == "relabel" else [])
+            for r in report["images"]]
+    blocks += [("h", "Images"), ("table", header, rows)]
+    if report.get("notes"):
+        blocks += [("h", "Notes"), ("ul", list(report["notes"]))]
+    return blocks
+
+
+def _eval_blocks(report: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [
+        ("p", f"{report['n_images']} images · top-1 {_pct(report['accuracy'])} · top-5 {_pct(report['top5_accuracy'])}"),
+        ("table", ["class", "accuracy", "n"], [[name, _pct(v["accuracy"]), str(v["n"])] for name, v in report["per_class"].items()]),
+    ]
+    if "mia" in report:
+        blocks += [("h", "Membership inference (forget vs held-out; 0.5 = indistinguishable)"),
+                   ("ul", [f"loss AUC {report['mia']['loss_auc']:.3f}, confidence AUC {report['mia']['confidence_auc']:.3f}",
+                           f"accuracy on the forget images {_pct(report['forget']['forget_accuracy'])}"])]
+    if "compare" in report:
+        c = report["compare"]
+        blocks += [("h", f"Compared with `{c['checkpoint']}`"),
+                   ("ul", [f"its accuracy {_pct(c['accuracy'])}, agreement {_pct(c['agreement'])}, {len(c['changed'])} images changed"])]
+    if report.get("notes"):
+        blocks += [("h", "Notes"), ("ul", list(report["notes"]))]
+    return blocks
+
+
+def build(report: dict[str, Any], path: Path) -> list[Block]:
+    """The document's blocks; draws its figures beside ``path`` (when matplotlib is there)."""
+    blocks: list[Block] = [("title", f"l2ul {report['command']}")]
+    blocks += _run_blocks(report) if report["command"] in ("forget", "relabel") else _eval_blocks(report)
+    figures: list[Block] = []
+    for suffix, alt, draw in FIGURES:
+        png = path.with_name(f"{path.stem}-{suffix}.png")
+        if draw(report, png):
+            figures.append(("img", alt, png.name))
+    if figures:
+        blocks += [("h", "Figures")] + figures
+    return blocks
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "title":
+            out += [f"# {b[1]}", ""]
+        elif kind == "h":
+            out += [f"## {b[1]}", ""]
+        elif kind == "p":
+            out += [b[1], ""]
+        elif kind == "ul":
+            out += [f"- {item}" for item in b[1]] + [""]
+        elif kind == "table":
+            out += ["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
+            out += ["| " + " | ".join(str(c) for c in row) + " |" for row in b[2]] + [""]
+        elif kind == "img":
+            out += [f"![{b[1]}]({b[2]})", ""]
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Escape, then the two bits of Markdown the blocks use: `code` and **bold**."""
+    t = html.escape(str(text))
+    t = re.sub(r"`([^`]*)`", r"<code>\1</code>", t)
+    return re.sub(r"\*\*([^*]*)\*\*", r"<strong>\1</strong>", t)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+        "table{border-collapse:collapse;margin:0.5rem 0 1rem}td,th{border:1px solid #ccc;padding:0.25rem 0.6rem;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}code{background:#f3f3f3;padding:0 0.2rem}"
+        "img{max-width:100%;display:block;margin:0.5rem 0 1rem}")
+
+
+def to_html(blocks: list[Block]) -> str:
+    title = next((b[1] for b in blocks if b[0] == "title"), "l2ul report")
+    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
+           f"<style>{_CSS}</style></head><body>"]
+    for b in blocks:
+        kind = b[0]
+        if kind == "title":
+            out.append(f"<h1>{_inline(b[1])}</h1>")
+        elif kind == "h":
+            out.append(f"<h2>{_inline(b[1])}</h2>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(b[1])}</p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{_inline(c)}</th>" for c in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in b[2])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif kind == "img":
+            out.append(f'<img src="{html.escape(b[2], quote=True)}" alt="{html.escape(b[1], quote=True)}">')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_document(path: str | os.PathLike, report: dict[str, Any], fmt: str) -> None:
+    """Write the report as ``fmt`` ("markdown" or "html"), figures beside it, atomically."""
+    path = Path(path)
+    blocks = build(report, path)
+    text = to_markdown(blocks) if fmt == "markdown" else to_html(blocks)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
