@@ -9,7 +9,8 @@ figures come from quality.py.
         default "eps_at_28x28=0.5,noise_copies=10,noise_radius=2" "lr=1e-5,max_steps=3000"
 
 A variant is ``key=value`` pairs, comma-separated: fields of UnlearnConfig or AttackConfig, plus
-``method=NAME`` (default l2ul). The attack defaults to N_adv=5 and 20 PGD steps (``--n-adv``,
+``method=NAME`` (default l2ul) and ``real_retain=1`` (project updates away from ``--retain``
+other training images, as the CLI's --retain does). The attack defaults to N_adv=5 and 20 PGD steps (``--n-adv``,
 ``--attack-steps``).
 """
 
@@ -29,17 +30,19 @@ from l2ul_cli.datasets import load_fashion_mnist
 from l2ul_cli.errors import NumericalError
 from l2ul_cli.evaluate import accuracy, predict
 from l2ul_cli.models import load_model
+from l2ul_cli.projection import GradientProjector
 from l2ul_cli.unlearn import unlearn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import split_settings  # noqa: E402
 
 
-def parse(variant: str) -> tuple[str, dict, dict]:
-    """(method, UnlearnConfig overrides, AttackConfig overrides) of one variant string."""
+def parse(variant: str) -> tuple[str, dict, dict, float]:
+    """(method, UnlearnConfig overrides, AttackConfig overrides, use real retain images) of one variant."""
     kv = dict(x.split("=", 1) for x in variant.split(",")) if variant != "default" else {}
     method = kv.pop("method", "l2ul")
-    return (method, *split_settings(method, kv))
+    real = kv.pop("real_retain", "0") in ("1", "true")
+    return (method, *split_settings(method, kv), real)
 
 
 def main() -> None:
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-adv", type=int, default=5)
     ap.add_argument("--attack-steps", type=int, default=20)
+    ap.add_argument("--retain", type=int, default=500, help="other training images, for variants with real_retain=1")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,8 +64,10 @@ def main() -> None:
         return torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0
 
     g = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(len(ytr), generator=g)[:args.k].numpy()
+    perm = torch.randperm(len(ytr), generator=g)
+    idx = perm[:args.k].numpy()
     xf, yf = tensor(xtr[idx]), torch.tensor(ytr[idx]).long()
+    xr = tensor(xtr[perm[args.k:args.k + args.retain].numpy()])
     ti = torch.randperm(len(yte), generator=g)[:2000].numpy()
     xt, yt = tensor(xte[ti]), torch.tensor(yte[ti]).long()
     dev = torch.device("cpu")
@@ -71,13 +77,15 @@ def main() -> None:
           f"forget accuracy before {accuracy(predict(base, [xf], dev), yf) * 100:.0f} %")
     print("| variant | goal | steps | D_test | drop | seconds |\n|---|---|---|---|---|---|")
     for v in args.variants:
-        method, unl, att = parse(v)
+        method, unl, att, real = parse(v)
         model = load_model(args.checkpoint, None, device=dev).model
+        cfg = replace(preset(method), **unl)
+        projector = GradientProjector(model, xr, energy=cfg.retain_energy) if real else None
         attack = attack_preset(method, **{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
         t0 = time.perf_counter()
         try:
-            r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=replace(preset(method), **unl),
-                        attack=attack, seed=args.seed)
+            r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg,
+                        attack=attack, seed=args.seed, projector=projector)
         except NumericalError:
             print(f"| {v} | diverged | – | – | – | {time.perf_counter() - t0:.0f} |", flush=True)
             continue

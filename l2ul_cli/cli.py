@@ -195,6 +195,9 @@ ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="
 AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
+RetainOpt = Annotated[Optional[List[Path]], typer.Option("--retain", help="Other images of the same domain (folder or CSV, labels not needed): updates are kept orthogonal to what the model's layers see on them, which keeps far more accuracy elsewhere; repeatable.")]
+SyntheticOpt = Annotated[Optional[int], typer.Option("--synthetic-retain", help="Without --retain: this many stand-in images made from the model's BatchNorm statistics play their part; 0: no projection [default: 256 for l2ul, 0 for the paper's methods].")]
+RetainEnergyOpt = Annotated[Optional[float], typer.Option("--retain-energy", help="Share of the --retain images' input energy per layer that updates must not touch [default: 0.97].")]
 RecordPathsOpt = Annotated[bool, typer.Option("--record-paths", help="Record image paths in the checkpoint's ledger (by default only their SHA-256).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", callback=_load_config, is_eager=True, help="TOML (or YAML) file of option = value (keys as the long options; [forget]/[relabel]/[eval] tables); flags win.")]
 MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown report here (figures as PNG files beside it with the plots extra).")]
@@ -207,7 +210,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report, method, device, seed, force,
              allow_partial, input_size, mean, std, eps, n_adv, attack_steps, attack_step_size, per_copy_targets,
-             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, record_paths, markdown, html, json_out, quiet, debug) -> None:
+             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, retain, synthetic_retain, retain_energy, record_paths, markdown, html, json_out, quiet, debug) -> None:
     from .workflow import run_request
 
     err = _stderr()
@@ -224,8 +227,9 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
                                   "per_copy_targets": per_copy_targets},
                 unlearn_overrides={"lr": lr, "lam": lam, "max_steps": max_steps, "bn": bn.value if bn else None,
                                    "objective": objective.value if objective else None,
-                                   "adv_loss": adv_loss.value if adv_loss else None},
-                request_id=request_id, eval_images=eval_images, keep=keep or (), record_paths=record_paths,
+                                   "adv_loss": adv_loss.value if adv_loss else None, "retain_energy": retain_energy,
+                                   "synthetic_retain": synthetic_retain},
+                request_id=request_id, eval_images=eval_images, keep=keep or (), retain=retain or (), record_paths=record_paths,
                 progress=progress, options=options,
             )
         except GoalNotMet as exc:
@@ -304,6 +308,9 @@ def forget(
     adv_loss: AdvLossOpt = None,
     request_id: RequestOpt = None,
     keep: KeepOpt = None,
+    retain: RetainOpt = None,
+    synthetic_retain: SyntheticOpt = None,
+    retain_energy: RetainEnergyOpt = None,
     record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
     config: ConfigOpt = None,
@@ -319,7 +326,7 @@ def forget(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, retain=retain, synthetic_retain=synthetic_retain, retain_energy=retain_energy, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command()
@@ -350,6 +357,9 @@ def relabel(
     adv_loss: AdvLossOpt = None,
     request_id: RequestOpt = None,
     keep: KeepOpt = None,
+    retain: RetainOpt = None,
+    synthetic_retain: SyntheticOpt = None,
+    retain_energy: RetainEnergyOpt = None,
     record_paths: RecordPathsOpt = False,
     eval_images: EvalOpt = None,
     config: ConfigOpt = None,
@@ -365,7 +375,7 @@ def relabel(
              input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
              attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
              max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
+             keep=keep, retain=retain, synthetic_retain=synthetic_retain, retain_energy=retain_energy, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
 
 
 @app.command("eval")

@@ -36,6 +36,10 @@ def _run_blocks(report: dict[str, Any]) -> list[Block]:
          [[k.replace("_", " "), _pct(report["before"].get(k)), _pct(report["after"].get(k))]
           for k in sorted(set(report["before"]) | set(report["after"]))]),
     ]
+    if report.get("projection"):
+        blocks.append(("p", f"updates kept orthogonal to {report['projection']}"
+                            + (f"; {_pct(report['retain']['agreement'])} of the --retain images keep their prediction"
+                               if "retain" in report else "")))
     ev = report.get("eval") or {}
     mia = [(w, ev[w]["mia"]) for w in ("before", "after") if "mia" in (ev.get(w) or {})]
     if mia:

@@ -59,9 +59,13 @@ def render_run(report: dict[str, Any], console: Console) -> None:
     for name, title_ in (("accuracy", "accuracy on --eval images"),):
         if name in report["before"] or name in report["after"]:
             table.add_row(title_, _pct(report["before"].get(name)), _pct(report["after"].get(name)))
+    if "retain" in report:
+        table.add_row("--retain images predicted as before", _pct(1.0), _pct(report["retain"]["agreement"]))
     console.print(table)
     times = " · ".join(f"{k} {v:.2f}s" for k, v in report["seconds"].items())
     console.print(f"images: {report['n_images']} · steps: {report['steps']} · {times}")
+    if report.get("projection"):
+        console.print(f"updates kept orthogonal to {report['projection']}")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     if ok:

@@ -21,6 +21,9 @@ from .attack import adversarial_set
 from .config import AttackConfig, Goal, UnlearnConfig
 from .errors import NumericalError
 from .importance import ImportancePenalty, mas_importance
+from .projection import GradientProjector
+from .synthesis import BATCH as SYNTH_BATCH
+from .synthesis import has_batchnorm, invert_batchnorm
 
 
 class Progress(Protocol):
@@ -51,6 +54,7 @@ class UnlearnResult:
     lam_final: float | None = None
     adv_attack_success: float | None = None  # fraction of copies the original model puts in their target class
     notes: list[str] = field(default_factory=list)
+    projection: str | None = None  # what the updates were kept orthogonal to, if anything
     loss_history: list[float] = field(default_factory=list)
 
 
@@ -128,12 +132,16 @@ def unlearn(
     seed: int = 0,
     amp: bool = True,
     progress: Progress | None = None,
+    projector: GradientProjector | None = None,
 ) -> UnlearnResult:
     """Change ``model`` in place so that ``images`` meet ``goal``.
 
     ``images`` are in [0, 1] on the model's device. ``targets``: the labels to move away from
     (forget) or the new labels (relabel). ``attack_labels``: the classes the attack moves away
     from (default: ``targets`` for forget; required for relabel — the current labels).
+    ``projector``: keep every update orthogonal to the inputs of retained images (``--retain``);
+    without one, ``config.synthetic_retain`` stand-in images made from the model's BatchNorm
+    statistics play that part.
     """
     progress = progress or NullProgress()
     device = images.device
@@ -178,9 +186,26 @@ def unlearn(
         penalty = ImportancePenalty(model, omega, config.lam)
         seconds["importance"] = time.perf_counter() - t0
 
+    if projector is None and config.synthetic_retain > 0:
+        if has_batchnorm(model):
+            t0 = time.perf_counter()
+            progress.start("synthesis", config.synthetic_steps * -(-config.synthetic_retain // SYNTH_BATCH), unit="steps")
+            stand_ins = invert_batchnorm(model, config.synthetic_retain, tuple(images.shape[1:]), num_classes,
+                                         steps=config.synthetic_steps, seed=seed, progress=progress.advance)
+            progress.finish()
+            projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
+            projector.source = f"{config.synthetic_retain} stand-in images from BatchNorm statistics"
+            seconds["synthesis"] = time.perf_counter() - t0
+        else:
+            notes.append("the model has no BatchNorm statistics to make stand-in images from: updates were not "
+                         "projected (pass --retain images of the domain)")
+
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    lr = config.projected_lr if projector is not None and config.projected_lr is not None else config.lr
+    # Weight decay would pull weights along directions the projection keeps still.
+    opt = torch.optim.SGD(params, lr=lr, momentum=config.momentum,
+                          weight_decay=0.0 if projector is not None else config.weight_decay)
     n_adv_rows = 0 if x_adv is None else x_adv.shape[0]
     adv_bs = min(config.adv_batch_size, n_adv_rows)
     order = torch.randperm(n_adv_rows, generator=generator).to(device) if n_adv_rows else None
@@ -228,6 +253,8 @@ def unlearn(
                 raise NumericalError(f"the loss became {loss.item()} at step {steps}; nothing was written (try a smaller --lr)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if projector is not None:
+                projector.project()
             opt.step()
             steps += 1
             losses.append(float(loss.detach()))
@@ -253,4 +280,5 @@ def unlearn(
         goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),
         lam_final=penalty.lam if penalty is not None else None,
         adv_attack_success=adv_success, notes=notes, loss_history=losses,
+        projection=f"{projector.source}, energy {projector.energy}: {projector.summary()}" if projector is not None else None,
     )

@@ -20,6 +20,7 @@ from .checkpoint import write_checkpoint
 from .config import DEFAULT_METHOD, attack_preset, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
 from .data import Sample, load_images, outside_note, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
+from .projection import GradientProjector
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
@@ -72,6 +73,16 @@ def load_samples(loaded: LoadedModel, images: str | os.PathLike | None, manifest
     if images is not None:
         return scan_folder(images, loaded.class_names, loaded.num_classes)
     return read_manifest(manifest, loaded.class_names, loaded.num_classes, require_new_label=require_new_label)
+
+
+def _retain_samples(loaded: LoadedModel, retain: Sequence[str | os.PathLike]) -> list[Sample]:
+    """Other images of the domain (folders or CSVs; labels, if any, are not used)."""
+    out: list[Sample] = []
+    for item in retain:
+        p = Path(item)
+        out.extend(scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else
+                   read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=False))
+    return out
 
 
 def _keep_samples(loaded: LoadedModel, keep: Sequence[str | os.PathLike], goal: str) -> list[Sample]:
@@ -127,12 +138,16 @@ def run_request(
     request_id: str | None = None,
     record_paths: bool = False,
     keep: Sequence[str | os.PathLike] = (),
+    retain: Sequence[str | os.PathLike] = (),
     eval_images: str | os.PathLike | None = None,
     amp: bool = True,
     progress: Progress | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
+
+    ``retain``: folders or CSVs of other images from the same domain (no labels needed); every
+    update is then kept orthogonal to what the layers see on them (:mod:`.projection`).
 
     Returns the report dict. Raises :class:`GoalNotMet` (after writing the report, and the
     checkpoint only with ``allow_partial``) when the step cap is hit first.
@@ -144,6 +159,8 @@ def run_request(
     if method not in allowed:
         raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
     cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
+    if (unlearn_overrides or {}).get("lr") is not None:
+        cfg = replace(cfg, projected_lr=None)  # an explicit --lr is the learning rate, projected or not
     attack = attack or attack_preset(method, **(attack_overrides or {}))
     dev = resolve_device(device)
     ckpt = Path(checkpoint)
@@ -158,6 +175,8 @@ def run_request(
     x = load_images(samples, loaded.preprocessing).to(dev)
     kept = _keep_samples(loaded, keep, goal)
     x_keep = load_images(kept, loaded.preprocessing).to(dev) if kept else None
+    retained = _retain_samples(loaded, retain)
+    x_retain = load_images(retained, loaded.preprocessing).to(dev) if retained else None
     seconds["load"] = time.perf_counter() - t0
 
     broken = continuity(loaded.ledger, loaded.state_dict()) if loaded.ledger or loaded.source.meta.get("_unparsable") else None
@@ -194,9 +213,16 @@ def run_request(
         x_all = torch.cat([x, x_keep])
         t_all, a_all = torch.cat([targets, k_targets]), torch.cat([labels, k_labels])
         keep_before = accuracy(k_pred, k_targets)
+    projector = retain_before = None
+    if x_retain is not None:
+        t0 = time.perf_counter()
+        retain_before = predict(model, x_retain.split(256), dev).argmax(1)
+        projector = GradientProjector(model, x_retain, energy=cfg.retain_energy)
+        projector.source = f"{len(retained)} --retain images"
+        seconds["retain"] = time.perf_counter() - t0
     result = unlearn(
         model, x_all, t_all.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
-        attack_labels=a_all.to(dev), seed=seed, amp=amp, progress=progress,
+        attack_labels=a_all.to(dev), seed=seed, amp=amp, progress=progress, projector=projector,
     )
     seconds.update(result.seconds)
     all_logits = result.logits
@@ -235,6 +261,10 @@ def run_request(
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }
+    report["projection"] = result.projection
+    if projector is not None:
+        retain_after = predict(model, x_retain.split(256), dev).argmax(1)
+        report["retain"] = {"n_images": len(retained), "agreement": float((retain_after == retain_before).float().mean())}
     if options is not None:
         report["options"] = options  # as resolved from flags, --config and defaults
     if kept:

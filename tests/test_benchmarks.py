@@ -30,24 +30,28 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
 def test_quality_benchmark_smoke(tmp_path):
     out = _run("quality.py", "--ks", "2", "--seeds", "1", "--n-adv", "2", "--attack-steps", "3",
                "--forget-methods", "neggrad", "l2ul", "--relabel-methods", "l2ul", "--continual-total", "16",
-               tmp_path=tmp_path)
+               "--set", "synthetic_retain=16", "synthetic_steps=3", tmp_path=tmp_path)
     assert "| BEFORE |" in out and "| l2ul | 2 |" in out and "oracle (uses D_r)" in out
     assert "continual" in out and "| l2ul | 16 |" in out
 
 
 @needs_fmnist
 def test_speed_benchmark_smoke(tmp_path):
-    out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3", tmp_path=tmp_path)
-    assert "image-passes/s" in out and "reference-style" in out
+    out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3",
+               "--set", "synthetic_retain=16", "synthetic_steps=3", tmp_path=tmp_path)
+    assert "image-passes/s" in out and "reference-style" in out and "stand-ins s" in out
 
 
 @needs_fmnist
 def test_variants_script_smoke():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), str(ROOT / "examples" / "fashion-mnist-lcnet_050.safetensors"),
-                        "default", "method=adv,lr=1e-4", "eps_at_28x28=0.5,noise_copies=2", "--k", "2", "--n-adv", "2",
-                        "--attack-steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+                        "synthetic_steps=2", "method=adv,lr=1e-4", "eps_at_28x28=0.5,noise_copies=2,synthetic_retain=0",
+                        "real_retain=1,synthetic_retain=0", "--k", "2", "--n-adv", "2", "--attack-steps", "2", "--retain", "50"],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| default", "| method=adv,lr=1e-4", "| eps_at_28x28=0.5,noise_copies=2"]
+    assert [row.split(" | ")[0] for row in rows] == ["| synthetic_steps=2", "| method=adv,lr=1e-4",
+                                                     "| eps_at_28x28=0.5,noise_copies=2,synthetic_retain=0",
+                                                     "| real_retain=1,synthetic_retain=0"]
     assert all(" met " in row or "NOT met" in row or "diverged" in row for row in rows)

@@ -16,7 +16,10 @@ from typer.testing import CliRunner
 
 from l2ul_cli.cli import app
 
-FAST = ["--n-adv", "4", "--attack-steps", "10", "--device", "cpu", "-q"]
+# A quick attack; no stand-in images (their synthesis is the slowest phase on a CPU) except where
+# a test is about the default method's accuracy, which uses DEFAULT_QUICK.
+DEFAULT_QUICK = ["--n-adv", "4", "--attack-steps", "10", "--device", "cpu", "-q"]
+FAST = [*DEFAULT_QUICK, "--synthetic-retain", "0"]
 
 
 def sha(p: Path) -> str:
@@ -346,7 +349,7 @@ def test_eval_metrics_compare_and_mia(digits_checkpoint, forget_dir, heldout_dir
     assert report["n_images"] == 297
     assert set(report["per_class"]) <= set(__import__("conftest").DIGIT_NAMES)
     assert report["forget"]["forget_accuracy"] == 0.0
-    assert set(report["mia"]) == {"loss_auc", "confidence_auc"}
+    assert set(report["mia"]) == {"loss_auc", "confidence_auc", "loss_histogram"}
     assert 0.0 <= report["compare"]["agreement"] <= 1.0
     assert len(report["compare"]["changed"]) == round((1 - report["compare"]["agreement"]) * 297)
 
@@ -358,16 +361,38 @@ def test_default_method_keeps_accuracy_elsewhere(digits_checkpoint, forget_dir, 
     def after(method: str) -> dict:
         rep = tmp_path / f"{method}.json"
         r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / f"{method}.safetensors",
-                "--eval", heldout_dir, "--report", rep, "--method", method, *FAST)
+                "--eval", heldout_dir, "--report", rep, "--method", method, *DEFAULT_QUICK)
         assert r.exit_code == 0, r.output
         return json.loads(rep.read_text())
 
     ours, adv = after("l2ul"), after("adv")
+    assert ours["projection"].startswith("256 stand-in images from BatchNorm statistics")
+    assert adv["projection"] is None  # the paper's methods as published
     assert ours["after"]["forget_accuracy"] == 0.0
     assert ours["before"]["accuracy"] > 0.85
     assert ours["after"]["accuracy"] >= 0.6
     assert ours["after"]["accuracy"] > adv["after"]["accuracy"] + 0.3
     assert ours["eval"]["after"]["n_images"] == 297
+
+
+def test_retain_images_keep_accuracy_elsewhere(digits_checkpoint, digits, forget_dir, heldout_dir, tmp_path):
+    from conftest import write_pngs
+
+    u8, y = digits
+    retain = write_pngs(tmp_path / "retain", u8, y, range(1000, 1300), by_class=False)  # no labels needed
+    reps = {}
+    for name, extra in (("plain", ["--synthetic-retain", "0"]), ("retain", ["--retain", retain])):
+        reps[name] = tmp_path / f"{name}.json"
+        r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / f"{name}.safetensors",
+                "--eval", heldout_dir, "--report", reps[name], *extra, *FAST)
+        assert r.exit_code == 0, r.output
+    plain, kept = (json.loads(reps[n].read_text()) for n in ("plain", "retain"))
+    assert kept["goal_met"] and kept["after"]["forget_accuracy"] == 0.0
+    assert kept["projection"].startswith("300 --retain images") and plain["projection"] is None
+    assert kept["retain"]["n_images"] == 300 and kept["retain"]["agreement"] >= 0.9
+    assert kept["options"]["retain"] == [str(retain)]
+    print(plain["after"]["accuracy"], kept["after"]["accuracy"])
+    assert kept["after"]["accuracy"] >= plain["after"]["accuracy"]
 
 
 def test_markdown_and_html_reports_with_figures(digits_checkpoint, forget_dir, heldout_dir, tmp_path):

@@ -16,7 +16,7 @@ from l2ul_cli.datasets import fashion_mnist_root
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
-QUICK = "--n-adv 4 --attack-steps 10 --device cpu"
+QUICK = "--n-adv 4 --attack-steps 10 --synthetic-retain 0 --device cpu"
 needs_fmnist = pytest.mark.skipif(not (fashion_mnist_root() / "t10k-labels-idx1-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,14 @@ from typer.testing import CliRunner
 from l2ul_cli import unlearn as unlearn_mod
 from l2ul_cli.cli import app
 
-FAST = ["--n-adv", "4", "--attack-steps", "10", "--device", "cpu", "-q"]
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+from test_cli import FAST, sha
 
 
 def _no_outputs(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if p.suffix in (".safetensors", ".tmp") or p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("phase", ["attack", "updates"])
+@pytest.mark.parametrize("phase", ["attack", "synthesis", "updates"])
 def test_interrupt_leaves_nothing(phase, digits_checkpoint, forget_dir, tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, which the CLI turns into the same) mid-phase: one line, exit 130."""
     from l2ul_cli import progress as progress_mod
@@ -47,7 +42,8 @@ def test_interrupt_leaves_nothing(phase, digits_checkpoint, forget_dir, tmp_path
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     r = CliRunner().invoke(app, ["forget", str(digits_checkpoint), "--images", str(forget_dir),
-                                 "--out", str(out_dir / "o.safetensors"), "--report", str(out_dir / "r.json"), *FAST])
+                                 "--out", str(out_dir / "o.safetensors"), "--report", str(out_dir / "r.json"), *FAST,
+                                 "--synthetic-retain", "8"])
     assert r.exit_code == 130
     assert r.stderr.strip() == "error: interrupted; nothing was written"
     assert list(out_dir.iterdir()) == []

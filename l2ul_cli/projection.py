@@ -1,0 +1,122 @@
+"""Gradient projection away from what other images use (``--retain``).
+
+The same idea as GPM (Saha et al., 2021) and PGU (see ../shared/papers): for every convolution
+and linear layer, the inputs it sees on a set of retained images span, up to a share of their
+energy, a subspace ``U``. An update ``ΔW`` with ``ΔW U = 0`` leaves that layer's output on those
+inputs unchanged, so projecting each weight gradient onto the orthogonal complement changes the
+model where the forget images differ from the retained ones and (to first order) nowhere else.
+Biases and normalisation parameters act on every input alike and are held fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as a (features, samples) matrix: one column per position and image."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).T
+    cols = F.unfold(x.float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    n, _, positions = cols.shape
+    # Grouped (e.g. depthwise) convolutions: every group reads its own channels with the same
+    # kind of patch, so the groups' patches share one input space.
+    return cols.view(n, layer.groups, -1, positions).permute(2, 0, 1, 3).reshape(cols.shape[1] // layer.groups, -1)
+
+
+class GradientProjector:
+    """Bases of the retained inputs of every conv/linear layer, and the projection of gradients."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, *, energy: float = 0.97, batch_size: int = 128,
+                 max_columns: int = 50_000, seed: int = 0):
+        self.energy = energy
+        self.source = f"{images.shape[0]} retained images"
+        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self.frozen = [p for m in model.modules() if not isinstance(m, (nn.Conv2d, nn.Linear))
+                       for p in m.parameters(recurse=False)] + [m.bias for m in self.layers if m.bias is not None]
+        gen = torch.Generator().manual_seed(seed)
+        # Per layer: the columns themselves while there are fewer than features (deep layers of
+        # small images: 1x1 maps), the covariance once there are more.
+        seen: dict[nn.Module, list[torch.Tensor] | torch.Tensor] = {}
+
+        def hook(layer, inputs):
+            a = _columns(layer, inputs[0].detach())
+            if a.shape[1] > max_columns:  # big feature maps: a random subset of positions
+                a = a[:, torch.randperm(a.shape[1], generator=gen)[:max_columns].to(a.device)]
+            a = a.double()
+            got = seen.setdefault(layer, [])
+            if isinstance(got, list):
+                got.append(a)
+                if sum(c.shape[1] for c in got) > a.shape[0]:
+                    cat = torch.cat(got, 1)
+                    seen[layer] = cat @ cat.T
+            else:
+                got += a @ a.T
+
+        handles = [m.register_forward_pre_hook(hook) for m in self.layers]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, images.shape[0], batch_size):
+                    model(images[i:i + batch_size])
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        self.bases: dict[nn.Module, torch.Tensor] = {}
+        self.kept: dict[nn.Module, tuple[int, int]] = {}
+        for layer in self.layers:
+            vals, vecs = _principal(seen[layer])
+            share = vals.cumsum(0) / vals.sum().clamp_min(1e-30)
+            r = min(int((share < energy).sum()) + 1, vals.numel())
+            self.bases[layer] = vecs[:, :r].float().contiguous()
+            self.kept[layer] = (r, vecs.shape[0])
+
+    def project(self) -> None:
+        """In place on ``.grad``: remove each weight gradient's part in the retained subspace."""
+        for p in self.frozen:
+            p.grad = None
+        for layer, u in self.bases.items():
+            g = layer.weight.grad
+            if g is None:
+                continue
+            flat = g.reshape(g.shape[0], -1)
+            flat = flat - (flat @ u) @ u.T
+            layer.weight.grad = flat.reshape(g.shape).contiguous(memory_format=_format(g))
+
+    def summary(self) -> str:
+        r = sum(k for k, _ in self.kept.values())
+        n = sum(d for _, d in self.kept.values())
+        return f"retained subspace: {r} of {n} input dimensions over {len(self.layers)} layers"
+
+
+def _principal(seen: list[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies (descending) and directions of the columns seen: from the covariance, or, for
+    fewer columns than features, from their small Gram matrix (``A = U S Vᵀ``: ``U = A V / S``)."""
+    if isinstance(seen, torch.Tensor):
+        vals, vecs = _eigh(seen)
+        return vals, vecs
+    a = torch.cat(seen, 1)
+    vals, v = _eigh(a.T @ a)
+    keep = vals > vals[0] * 1e-12
+    vals, v = vals[keep], v[:, keep]
+    return vals, (a @ v) / vals.sqrt()
+
+
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition, largest first. LAPACK can fail to converge on matrices
+    with many equal eigenvalues; a jitter far below any energy that matters lets it finish."""
+    for jitter in (0.0, 1e-12, 1e-9):
+        try:
+            vals, vecs = torch.linalg.eigh(m + torch.eye(m.shape[0], dtype=m.dtype, device=m.device) * jitter * m.diagonal().mean())
+            return vals.flip(0).clamp_min(0), vecs.flip(1)
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError("no eigendecomposition of the retained inputs' covariance")
+
+
+def _format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format

@@ -1,0 +1,87 @@
+"""Stand-in images for the training data, made from the model alone (no data needed).
+
+BatchNorm layers remember the mean and variance of their inputs over the training set. Images
+optimised so that every BatchNorm layer sees those statistics while the classifier is confident
+of a chosen class (the recipe of DeepInversion, Yin et al., CVPR 2020) make layers respond as to
+training data: good enough to tell :mod:`.projection` which input directions training-like
+images use. They are not meant to look like the data.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+BATCH = 256  # images optimised together (BatchNorm statistics are matched per batch)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules())
+
+
+def invert_batchnorm(
+    model: nn.Module,
+    n: int,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    steps: int = 200,
+    lr: float = 0.1,
+    tv_weight: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = BATCH,
+    progress: Callable[[int], None] | None = None,  # called once per optimisation step
+) -> torch.Tensor:
+    """``n`` images in [0, 1] (classes in turn) whose BatchNorm statistics match the model's.
+
+    Loss per batch: cross-entropy to the chosen classes + Σ over BatchNorm layers of the L2
+    distance between the batch's per-channel mean/variance and the running ones + a small
+    total-variation term. Parameters are not changed; the model is left in eval mode.
+    """
+    device = next(model.parameters()).device
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    if not bns:
+        raise ValueError("the model has no BatchNorm statistics to invert")
+    gen = torch.Generator().manual_seed(seed)
+    distances: list[torch.Tensor] = []
+
+    def hook(module, inputs, _output):
+        x = inputs[0].float()
+        dims = [0] + list(range(2, x.dim()))
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        distances.append((mean - module.running_mean).norm() + (var - module.running_var).norm())
+
+    handles = [m.register_forward_hook(hook) for m in bns]
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            z = (torch.randn((m, *image_shape), generator=gen) * 0.5).to(device).requires_grad_(True)
+            y = (torch.arange(start, start + m) % num_classes).to(device)
+            opt = torch.optim.Adam([z], lr=lr)
+            for _ in range(steps):
+                distances.clear()
+                x = torch.sigmoid(z)
+                logits = model(x).float()
+                tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+                loss = F.cross_entropy(logits, y) + torch.stack(distances).sum() + tv_weight * tv
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if progress is not None:
+                    progress(1)
+            out.append(torch.sigmoid(z).detach())
+    finally:
+        for h in handles:
+            h.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    return torch.cat(out)

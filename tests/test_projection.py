@@ -1,0 +1,68 @@
+"""Projected updates leave a layer's output on the retained inputs unchanged (to first order)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from l2ul_cli.projection import GradientProjector, _columns
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def _smooth(n: int, seed: int) -> torch.Tensor:
+    """Flat grey images of random brightness: their patches span one direction of nine (natural
+    images, in the same way but less so, use few of the directions open to them)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, 1, 1, 1), generator=g).expand(n, 1, 12, 12).contiguous()
+
+
+def _step_change(project: bool) -> tuple[float, float]:
+    net, retained, odd = _net(), _smooth(64, 1), torch.rand((2, 1, 12, 12), generator=torch.Generator().manual_seed(2))
+    proj = GradientProjector(net, retained, energy=0.999) if project else None
+    before_r, before_o = net(retained).detach(), net(odd).detach()
+    loss = net(odd)[:, 0].sum()
+    loss.backward()
+    if proj is not None:
+        proj.project()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    with torch.no_grad():
+        return float((net(retained) - before_r).abs().max()), float((net(odd) - before_o).abs().max())
+
+
+def test_projected_step_changes_retained_outputs_far_less():
+    free_r, free_o = _step_change(False)
+    proj_r, proj_o = _step_change(True)
+    assert free_r > 0.5 * free_o  # a plain step moves both alike
+    assert proj_r < 0.01 * proj_o  # a projected one moves the retained images far less than the others
+    assert proj_o > 0
+
+
+def test_projection_removes_the_retained_component_and_freezes_biases():
+    net = _net()
+    proj = GradientProjector(net, _smooth(32, 3), energy=0.99)
+    net(torch.rand(3, 1, 12, 12)).sum().backward()
+    proj.project()
+    for layer, u in proj.bases.items():
+        g = layer.weight.grad.reshape(layer.weight.shape[0], -1)
+        assert (g @ u).abs().max() < 1e-5
+    assert all(p.grad is None for p in proj.frozen)
+    assert any(p is net[1].weight for p in proj.frozen) and any(p is net[0].bias for p in proj.frozen)
+    assert "input dimensions over 3 layers" in proj.summary()
+
+
+def test_grouped_conv_columns_share_one_patch_space():
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    x = torch.rand(2, 4, 5, 5)
+    cols = _columns(conv, x)
+    assert cols.shape == (9, 2 * 4 * 25)
+    # The centre tap of channel c at position p is the pixel itself.
+    assert torch.allclose(cols[4].reshape(2, 4, 25), x.reshape(2, 4, 25))

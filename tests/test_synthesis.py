@@ -1,0 +1,61 @@
+"""Stand-in images from BatchNorm statistics: they match the statistics and change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from l2ul_cli.synthesis import has_batchnorm, invert_batchnorm
+
+
+def _trained_bn_net() -> nn.Module:
+    """A small conv net whose BatchNorm statistics come from bright, centred blobs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    yy, xx = torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij")
+    blob = torch.exp(-((yy - 4.5) ** 2 + (xx - 4.5) ** 2) / 8)
+    data = (blob * torch.rand(256, 1, 1, 1) * 0.8 + 0.1).clamp(0, 1)
+    net.train()
+    with torch.no_grad():
+        bn = net[1]
+        bn.momentum = None  # cumulative average: the exact statistics of the data
+        for i in range(0, 256, 64):
+            net(data[i:i + 64])
+    return net.eval()
+
+
+def _distance(net: nn.Module, x: torch.Tensor) -> float:
+    bn, conv = net[1], net[0]
+    with torch.no_grad():
+        h = conv(x)
+    mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+    return float((mean - bn.running_mean).norm() + (var - bn.running_var).norm())
+
+
+def test_stand_ins_match_batchnorm_statistics_and_leave_the_model_alone():
+    net = _trained_bn_net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = invert_batchnorm(net, 40, (1, 10, 10), 3, steps=150, seed=0, batch_size=20)
+    assert x.shape == (40, 1, 10, 10) and 0 <= float(x.min()) and float(x.max()) <= 1
+    noise = torch.rand(40, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    assert _distance(net, x) < 0.25 * _distance(net, noise)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+    assert all(p.requires_grad for p in net.parameters()) and not net.training
+
+
+def test_same_seed_same_images_and_progress_counts_steps():
+    net = _trained_bn_net()
+    calls = []
+    a = invert_batchnorm(net, 6, (1, 10, 10), 3, steps=5, seed=3, batch_size=4, progress=calls.append)
+    b = invert_batchnorm(net, 6, (1, 10, 10), 3, steps=5, seed=3, batch_size=4)
+    assert torch.equal(a, b)
+    assert sum(calls) == 10  # 5 steps for each of the two batches
+
+
+def test_models_without_batchnorm():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    assert not has_batchnorm(net)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        invert_batchnorm(net, 2, (1, 2, 2), 2, steps=1)
