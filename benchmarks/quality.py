@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Evaluator, device_name, fresh, split_settings, train_resnet18  # noqa: E402
 
+from l2ul_cli.checkpoint import read_checkpoint  # noqa: E402
 from l2ul_cli.config import attack_preset, preset  # noqa: E402
+from l2ul_cli.datasets import FASHION_MNIST_CLASSES  # noqa: E402
 from l2ul_cli.evaluate import accuracy, predict  # noqa: E402
 from l2ul_cli.errors import NumericalError  # noqa: E402
 from l2ul_cli.unlearn import objective_loss, unlearn  # noqa: E402
@@ -104,25 +107,42 @@ def oracle_cell(ckpt, ev: Evaluator, dev, goal, k, seed, max_steps=500, lr=1e-4)
     return {**m, "steps": steps, "seconds": time.perf_counter() - t0, "goal_met": True}
 
 
-def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, overrides) -> list[dict]:
-    """Forget ``per`` images at a time, each request on the previous model (paper Table 5)."""
-    loaded = fresh(ckpt, dev)
+def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, overrides, workdir: Path,
+              keep: bool = True) -> list[dict]:
+    """Forget ``per`` images at a time, each request on the previous output (paper Table 5), through
+    the library's request API exactly as the CLI runs it: images as PNG class folders, each
+    request's checkpoint written with its ledger, earlier requests passed with ``keep``."""
+    from PIL import Image
+
+    from l2ul_cli.errors import GoalNotMet
+    from l2ul_cli.workflow import run_request
+
     idx_all = pick(len(ev.y), total, seed)
-    rows = []
     method, overrides, attack_over = parse_variant(method, overrides, attack_over)
-    cfg = preset(method, **overrides)
-    attack = attack_preset(method, **attack_over)
+    rows, done, current = [], [], Path(ckpt)
     for r_i in range(total // per):
         idx = idx_all[r_i * per:(r_i + 1) * per]
+        folder = workdir / f"request-{r_i + 1}"
+        for i in idx.tolist():
+            d = folder / FASHION_MNIST_CLASSES[int(ev.y[i])]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((ev.x[i, 0] * 255).round().byte().numpy(), mode="L").save(d / f"train-{i}.png")
+        out = workdir / f"after-{r_i + 1}.safetensors"
         try:
-            res = unlearn(loaded.model, ev.x[idx].to(dev), ev.y[idx].to(dev), goal="forget", num_classes=10,
-                          config=cfg, attack=attack, seed=seed + r_i)
+            rep = run_request("forget", current, images=folder, keep=done if keep else (), out=out, method=method,
+                              device=str(dev), seed=seed + r_i, force=True, allow_partial=True,
+                              attack_overrides=attack_over, unlearn_overrides=overrides, request_id=f"request-{r_i + 1}")
+        except GoalNotMet as exc:
+            rep = exc.report
         except NumericalError:
             rows.append({"k": (r_i + 1) * per, "D_f": float("nan"), "D_r": float("nan"), "D_test": float("nan"), "steps": "diverged"})
             break
+        done.append(folder)
+        current = out
         seen = idx_all[:(r_i + 1) * per]
-        m = ev.metrics(loaded, seen, ev.y[seen], "forget")
-        rows.append({"k": len(seen), **m, "steps": res.steps})
+        m = ev.metrics(fresh(current, dev), seen, ev.y[seen], "forget")
+        rows.append({"k": len(seen), **m, "steps": rep["steps"], "goal_met": rep["goal_met"],
+                     "ledger": len(read_checkpoint(current).meta.get("ledger", []))})
     return rows
 
 
@@ -165,6 +185,7 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet18", help="model trained for the benchmark (smoke test: test_resnet)")
     ap.add_argument("--train-subset", type=int, default=0, help="train the model on this many images only")
     ap.add_argument("--continual-total", type=int, default=None)
+    ap.add_argument("--continual-without-keep", action="store_true", help="do not pass earlier requests' images (--keep)")
     ap.add_argument("--n-adv", type=int, default=None)
     ap.add_argument("--attack-steps", type=int, default=None)
     ap.add_argument("--eps", type=float, default=None, help="attack radius for every method (default: each method's)")
@@ -214,10 +235,18 @@ def main() -> None:
     if "continual" in args.experiments:
         total = args.continual_total or (32 if quick else 128)
         lines = ["### continual: 8 images per request, each on the previous output", "",
-                 "| method | k so far | D_f (all so far) | D_r | D_test | steps |", "|---|---|---|---|---|---|"]
-        for method in args.forget_methods:
-            for row in continual(ckpt, ev, dev, method, total, 8, 0, attack, overrides):
-                lines.append(f"| {method} | {row['k']} | {row['D_f'] * 100:.1f} | {row['D_r'] * 100:.1f} | {row['D_test'] * 100:.1f} | {row['steps']} |")
+                 f"Through the request API as the CLI runs it (PNG folders, ledger), earlier requests "
+                 f"{'passed with --keep' if not args.continual_without_keep else 'NOT passed (no --keep)'}.", "",
+                 "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries |",
+                 "|---|---|---|---|---|---|---|---|"]
+        with tempfile.TemporaryDirectory(prefix="l2ul-continual-") as work:
+            for method in args.forget_methods:
+                folder = Path(work) / method.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "-")
+                for row in continual(ckpt, ev, dev, method, total, 8, 0, attack, overrides, folder,
+                                     keep=not args.continual_without_keep):
+                    lines.append(f"| {method} | {row['k']} | {row['D_f'] * 100:.1f} | {row['D_r'] * 100:.1f} | "
+                                 f"{row['D_test'] * 100:.1f} | {row['steps']} | {'met' if row.get('goal_met') else 'NOT met'} | "
+                                 f"{row.get('ledger', '–')} |")
         t = "\n".join(lines) + "\n"
         print(t)
         out.append(t)

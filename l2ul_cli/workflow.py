@@ -20,10 +20,10 @@ from .checkpoint import write_checkpoint
 from .config import DEFAULT_METHOD, attack_preset, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
 from .data import Sample, load_images, outside_note, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
-from .projection import GradientProjector
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
+from .projection import GradientProjector
 from .report import write_json
 from .unlearn import NullProgress, Progress, unlearn
 
@@ -235,7 +235,7 @@ def run_request(
         notes.append(f"warning: {broken}; the ledger starts a new segment")
     if loaded.ledger and not kept:
         notes.append(f"{len(loaded.ledger)} earlier request(s) in the ledger were not re-checked (pass their images with --keep)")
-    if outside := outside_note(samples + kept):
+    if outside := outside_note(samples + kept + retained):
         notes.append(outside)
     if goal == "relabel" and same:
         notes.append(f"{len(same)} image(s) were already predicted as their new label before the run")
