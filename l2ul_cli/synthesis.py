@@ -61,24 +61,39 @@ def invert_batchnorm(
     for p in model.parameters():
         p.requires_grad_(False)
     out: list[torch.Tensor] = []
+
+    def optimise(m: int, y: torch.Tensor) -> torch.Tensor:
+        z = (torch.randn((m, *image_shape), generator=gen) * 0.5).to(device).requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        for _ in range(steps):
+            distances.clear()
+            x = torch.sigmoid(z)
+            logits = model(x).float()
+            tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+            loss = F.cross_entropy(logits, y) + torch.stack(distances).sum() + tv_weight * tv
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress(1)
+        return torch.sigmoid(z).detach()
+
     try:
-        for start in range(0, n, batch_size):
+        start = 0
+        while start < n:
             m = min(batch_size, n - start)
-            z = (torch.randn((m, *image_shape), generator=gen) * 0.5).to(device).requires_grad_(True)
-            y = (torch.arange(start, start + m) % num_classes).to(device)
-            opt = torch.optim.Adam([z], lr=lr)
-            for _ in range(steps):
+            state = gen.get_state()
+            try:
+                out.append(optimise(m, (torch.arange(start, start + m) % num_classes).to(device)))
+            except torch.cuda.OutOfMemoryError:
+                if batch_size <= 8:
+                    raise
+                batch_size //= 2  # big images on a small GPU: smaller batches
+                gen.set_state(state)
                 distances.clear()
-                x = torch.sigmoid(z)
-                logits = model(x).float()
-                tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-                loss = F.cross_entropy(logits, y) + torch.stack(distances).sum() + tv_weight * tv
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if progress is not None:
-                    progress(1)
-            out.append(torch.sigmoid(z).detach())
+                torch.cuda.empty_cache()
+                continue
+            start += m
     finally:
         for h in handles:
             h.remove()

@@ -59,3 +59,17 @@ def test_models_without_batchnorm():
     assert not has_batchnorm(net)
     with pytest.raises(ValueError, match="no BatchNorm"):
         invert_batchnorm(net, 2, (1, 2, 2), 2, steps=1)
+
+
+def test_cuda_out_of_memory_halves_the_batch(monkeypatch):
+    net = _trained_bn_net()
+    real_forward = net.forward
+
+    def forward(x):
+        if x.shape[0] > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    monkeypatch.setattr(net, "forward", forward)
+    x = invert_batchnorm(net, 20, (1, 10, 10), 3, steps=2, batch_size=32)
+    assert x.shape == (20, 1, 10, 10)
