@@ -147,7 +147,7 @@ def unlearn(
     device = images.device
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    seconds = {"attack": 0.0, "importance": 0.0, "updates": 0.0}
+    seconds = {"attack": 0.0, "importance": 0.0}  # then "synthesis" when made, "updates"
     notes: list[str] = []
     autocast_dtype = torch.bfloat16 if (amp and device.type == "cuda") else None
     model.eval()
