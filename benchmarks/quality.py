@@ -189,7 +189,7 @@ def main() -> None:
     ap.add_argument("--n-adv", type=int, default=None)
     ap.add_argument("--attack-steps", type=int, default=None)
     ap.add_argument("--eps", type=float, default=None, help="attack radius for every method (default: each method's)")
-    ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig overrides for every method, e.g. lr=1e-4")
+    ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig/AttackConfig overrides for every method, e.g. lr=1e-4")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -198,10 +198,8 @@ def main() -> None:
     ks = args.ks or ([4, 16] if quick else [4, 16, 64, 128])
     seeds = args.seeds or (1 if quick else 3)
     attack = {"n_adv": args.n_adv or (5 if quick else 20), "steps": args.attack_steps or (20 if quick else 100), "eps": args.eps}
-    overrides = {}
-    for kv in args.set:
-        key, val = kv.split("=")
-        overrides[key] = type(getattr(preset("l2ul"), key))(val) if key not in ("bn", "objective", "adv_loss") else val
+    overrides, attack_set = split_settings("l2ul", dict(kv.split("=", 1) for kv in args.set))
+    attack.update(attack_set)
 
     ckpt, info = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     ev = Evaluator(dev)

@@ -7,7 +7,6 @@ small renderers of the same blocks, so the two formats never say different thing
 from __future__ import annotations
 
 import html
-import math
 import os
 import re
 from pathlib import Path
@@ -15,13 +14,10 @@ from typing import Any
 
 from .files import atomic_write
 from .plots import FIGURES
+from .report import _pct
 
 # ("title", text) · ("h", text) · ("p", text) · ("ul", [text]) · ("table", header, rows) · ("img", alt, file)
 Block = tuple[Any, ...]
-
-
-def _pct(v: Any) -> str:
-    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.1f}%"
 
 
 def _run_blocks(report: dict[str, Any]) -> list[Block]:

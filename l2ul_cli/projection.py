@@ -97,8 +97,7 @@ def _principal(seen: list[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, t
     """Energies (descending) and directions of the columns seen: from the covariance, or, for
     fewer columns than features, from their small Gram matrix (``A = U S Vᵀ``: ``U = A V / S``)."""
     if isinstance(seen, torch.Tensor):
-        vals, vecs = _eigh(seen)
-        return vals, vecs
+        return _eigh(seen)
     a = torch.cat(seen, 1)
     vals, v = _eigh(a.T @ a)
     keep = vals > vals[0] * 1e-12

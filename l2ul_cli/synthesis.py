@@ -19,8 +19,13 @@ from torch import nn
 BATCH = 256  # images optimised together (BatchNorm statistics are matched per batch)
 
 
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers that keep running statistics (track_running_stats)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None for m in model.modules())
+    return bool(_batchnorms(model))
 
 
 def invert_batchnorm(
@@ -43,7 +48,7 @@ def invert_batchnorm(
     total-variation term. Parameters are not changed; the model is left in eval mode.
     """
     device = next(model.parameters()).device
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    bns = _batchnorms(model)
     if not bns:
         raise ValueError("the model has no BatchNorm statistics to invert")
     gen = torch.Generator().manual_seed(seed)

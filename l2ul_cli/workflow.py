@@ -75,23 +75,24 @@ def load_samples(loaded: LoadedModel, images: str | os.PathLike | None, manifest
     return read_manifest(manifest, loaded.class_names, loaded.num_classes, require_new_label=require_new_label)
 
 
+def _folder_or_manifest(loaded: LoadedModel, item: str | os.PathLike, *, require_new_label: bool = False) -> list[Sample]:
+    """Samples of a folder (scanned) or of a CSV manifest, as --keep, --retain and --forget take."""
+    p = Path(item)
+    if p.is_dir():
+        return scan_folder(p, loaded.class_names, loaded.num_classes)
+    return read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=require_new_label)
+
+
 def _retain_samples(loaded: LoadedModel, retain: Sequence[str | os.PathLike]) -> list[Sample]:
     """Other images of the domain (folders or CSVs; labels, if any, are not used)."""
-    out: list[Sample] = []
-    for item in retain:
-        p = Path(item)
-        out.extend(scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else
-                   read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=False))
-    return out
+    return [s for item in retain for s in _folder_or_manifest(loaded, item)]
 
 
 def _keep_samples(loaded: LoadedModel, keep: Sequence[str | os.PathLike], goal: str) -> list[Sample]:
     """Images of earlier requests (folders or CSVs) that must stay forgotten / relabelled."""
     out: list[Sample] = []
     for item in keep:
-        p = Path(item)
-        got = scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else \
-            read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=goal == "relabel")
+        got = _folder_or_manifest(loaded, item, require_new_label=goal == "relabel")
         if goal == "forget":
             _labelled(got, "--keep")
         out.extend(got)
@@ -373,12 +374,8 @@ def evaluate_checkpoint(
         }
     f_samples: list[Sample] = []
     if forget_set is not None:
-        if isinstance(forget_set, (str, os.PathLike)):
-            p = Path(forget_set)
-            f_samples = scan_folder(p, loaded.class_names, loaded.num_classes) if p.is_dir() else \
-                read_manifest(p, loaded.class_names, loaded.num_classes, require_new_label=False)
-        else:
-            f_samples = list(forget_set)
+        is_path = isinstance(forget_set, (str, os.PathLike))
+        f_samples = _folder_or_manifest(loaded, forget_set) if is_path else list(forget_set)
         f_labels = _labelled(f_samples, "--forget")
         f_logits = _logits(loaded, f_samples, dev)
         report["forget"] = {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
