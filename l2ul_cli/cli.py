@@ -208,11 +208,13 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
-def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report, method, device, seed, force,
-             allow_partial, input_size, mean, std, eps, n_adv, attack_steps, attack_step_size, per_copy_targets,
-             lr, lam, max_steps, bn, objective, adv_loss, request_id, eval_images, keep, retain, synthetic_retain, retain_energy, record_paths, markdown, html, json_out, quiet, debug) -> None:
+def _request(goal: str, params: dict[str, Any]) -> None:
+    """forget and relabel: the command's parameters (flag, --config or default, as typer converted
+    them) go to one library call; the two commands differ only in their options."""
     from .workflow import run_request
 
+    p = {k: (v.value if isinstance(v, Enum) else v) for k, v in params.items()}
+    checkpoint, markdown, html, quiet = p["checkpoint"], p["markdown"], p["html"], p["quiet"]
     err = _stderr()
     progress = RichProgress(err, enabled=not quiet)
     options = _resolved_options()
@@ -220,22 +222,21 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
     def body():
         try:
             return run_request(
-                goal, checkpoint, images=images, manifest=manifest, arch=arch, out=out, report_path=report,
-                method=method, device=device, seed=seed, force=force, allow_partial=allow_partial,
-                input_size=_ints(input_size, "--input-size"), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                attack_overrides={"n_adv": n_adv, "eps": eps, "steps": attack_steps, "step_size": attack_step_size,
-                                  "per_copy_targets": per_copy_targets},
-                unlearn_overrides={"lr": lr, "lam": lam, "max_steps": max_steps, "bn": bn.value if bn else None,
-                                   "objective": objective.value if objective else None,
-                                   "adv_loss": adv_loss.value if adv_loss else None, "retain_energy": retain_energy,
-                                   "synthetic_retain": synthetic_retain},
-                request_id=request_id, eval_images=eval_images, keep=keep or (), retain=retain or (), record_paths=record_paths,
-                progress=progress, options=options,
+                goal, checkpoint, images=p.get("images"), manifest=p["manifest"], arch=p["arch"], out=p["out"],
+                report_path=p["report"], method=p["method"], device=p["device"], seed=p["seed"], force=p["force"],
+                allow_partial=p["allow_partial"], input_size=_ints(p["input_size"], "--input-size"),
+                mean=_floats(p["mean"], "--mean"), std=_floats(p["std"], "--std"),
+                attack_overrides={"n_adv": p["n_adv"], "eps": p["eps"], "steps": p["attack_steps"],
+                                  "step_size": p["attack_step_size"], "per_copy_targets": p["per_copy_targets"]},
+                unlearn_overrides={k: p[k] for k in ("lr", "lam", "max_steps", "bn", "objective", "adv_loss",
+                                                      "retain_energy", "synthetic_retain")},
+                request_id=p["request_id"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
+                record_paths=p["record_paths"], progress=progress, options=options,
             )
         except GoalNotMet as exc:
             if exc.report is not None:
                 _documents(exc.report, markdown, html)
-            _show(exc.report, json_out, quiet)
+            _show(exc.report, p["json_out"], quiet)
             raise
         finally:
             progress.close()
@@ -246,7 +247,7 @@ def _request(goal: str, checkpoint: Path, *, images, manifest, arch, out, report
         _documents(r, markdown, html)
         return r
 
-    _show(_run(body_docs, debug), json_out, quiet)
+    _show(_run(body_docs, p["debug"]), p["json_out"], quiet)
 
 
 def _check_documents(checkpoint: Path, markdown: Optional[Path], html: Optional[Path]) -> None:
@@ -321,12 +322,7 @@ def forget(
     debug: DebugOpt = False,
 ) -> None:
     """Make the model misclassify every given image; write a new checkpoint and a report."""
-    _request("forget", checkpoint, images=images, manifest=manifest, arch=arch, out=out, report=report,
-             method=method.value, device=device.value, seed=seed, force=force, allow_partial=allow_partial,
-             input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
-             attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
-             max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, retain=retain, synthetic_retain=synthetic_retain, retain_energy=retain_energy, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
+    _request("forget", locals())
 
 
 @app.command()
@@ -370,12 +366,7 @@ def relabel(
     debug: DebugOpt = False,
 ) -> None:
     """Make the model predict each listed image's new label; write a new checkpoint and a report."""
-    _request("relabel", checkpoint, images=None, manifest=manifest, arch=arch, out=out, report=report,
-             method=method.value, device=device.value, seed=seed, force=force, allow_partial=allow_partial,
-             input_size=input_size, mean=mean, std=std, eps=eps, n_adv=n_adv, attack_steps=attack_steps,
-             attack_step_size=attack_step_size, per_copy_targets=per_copy_targets, lr=lr, lam=lam,
-             max_steps=max_steps, bn=bn, objective=objective, adv_loss=adv_loss, request_id=request_id,
-             keep=keep, retain=retain, synthetic_retain=synthetic_retain, retain_energy=retain_energy, record_paths=record_paths, eval_images=eval_images, markdown=markdown, html=html, json_out=json_out, quiet=quiet, debug=debug)
+    _request("relabel", locals())
 
 
 @app.command("eval")
