@@ -66,25 +66,31 @@ class GradientProjector:
             for h in handles:
                 h.remove()
             model.train(was_training)
-        self.bases: dict[nn.Module, torch.Tensor] = {}
+        # Per layer an orthonormal matrix and whether it spans the retained directions U (the
+        # gradient loses its part in them: g - g U Uᵀ) or their complement V (g keeps only its
+        # part there: g V Vᵀ, the same when [U V] is a full basis). The narrower of the two is
+        # kept: deep layers retain most of their directions, and V then halves the work or better.
+        self.bases: dict[nn.Module, tuple[torch.Tensor, bool]] = {}
         self.kept: dict[nn.Module, tuple[int, int]] = {}
         for layer in self.layers:
             vals, vecs = _principal(seen[layer])
             share = vals.cumsum(0) / vals.sum().clamp_min(1e-30)
             r = min(int((share < energy).sum()) + 1, vals.numel())
-            self.bases[layer] = vecs[:, :r].float().contiguous()
-            self.kept[layer] = (r, vecs.shape[0])
+            d = vecs.shape[0]
+            complement = vecs.shape[1] == d and r > d // 2
+            self.bases[layer] = ((vecs[:, r:] if complement else vecs[:, :r]).float().contiguous(), complement)
+            self.kept[layer] = (r, d)
 
     def project(self) -> None:
         """In place on ``.grad``: remove each weight gradient's part in the retained subspace."""
         for p in self.frozen:
             p.grad = None
-        for layer, u in self.bases.items():
+        for layer, (m, complement) in self.bases.items():
             g = layer.weight.grad
             if g is None:
                 continue
             flat = g.reshape(g.shape[0], -1)
-            flat = flat - (flat @ u) @ u.T
+            flat = (flat @ m) @ m.T if complement else flat - (flat @ m) @ m.T
             layer.weight.grad = flat.reshape(g.shape).contiguous(memory_format=_format(g))
 
     def summary(self) -> str:

@@ -201,6 +201,10 @@ def unlearn(
                          "projected (pass --retain images of the domain)")
 
     t0 = time.perf_counter()
+    # Parameters the projection holds still need no gradient at all (restored afterwards).
+    held = [p for p in projector.frozen if p.requires_grad] if projector is not None else []
+    for p in held:
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.projected_lr if projector is not None and config.projected_lr is not None else config.lr
     # Weight decay would pull weights along directions the projection keeps still.
@@ -272,6 +276,8 @@ def unlearn(
     finally:
         progress.finish()
         model.eval()
+        for p in held:
+            p.requires_grad_(True)
     with torch.no_grad():
         final = model(images).float()
     goal_met = bool(goal_mask(final, targets, goal).all())

@@ -51,9 +51,11 @@ def test_projection_removes_the_retained_component_and_freezes_biases():
     proj = GradientProjector(net, _smooth(32, 3), energy=0.99)
     net(torch.rand(3, 1, 12, 12)).sum().backward()
     proj.project()
-    for layer, u in proj.bases.items():
+    for layer, (m, complement) in proj.bases.items():
         g = layer.weight.grad.reshape(layer.weight.shape[0], -1)
-        assert (g @ u).abs().max() < 1e-5
+        # No part left in the retained directions (U itself, or what the complement V leaves out).
+        residue = g - (g @ m) @ m.T if complement else g @ m
+        assert residue.abs().max() < 1e-5
     assert all(p.grad is None for p in proj.frozen)
     assert any(p is net[1].weight for p in proj.frozen) and any(p is net[0].bias for p in proj.frozen)
     assert "input dimensions over 3 layers" in proj.summary()
@@ -66,3 +68,21 @@ def test_grouped_conv_columns_share_one_patch_space():
     assert cols.shape == (9, 2 * 4 * 25)
     # The centre tap of channel c at position p is the pixel itself.
     assert torch.allclose(cols[4].reshape(2, 4, 25), x.reshape(2, 4, 25))
+
+
+def test_complement_path_gives_the_same_projection():
+    """Layers that retain most directions project with the complement; the result is the same."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)).eval()
+    retained = torch.rand(64, 1, 12, 12)  # random patches: nearly all of the 9 directions kept
+    proj = GradientProjector(net, retained, energy=0.999)
+    m, complement = proj.bases[net[0]]
+    assert complement and proj.kept[net[0]][0] > 4
+    net(torch.rand(2, 1, 12, 12)).sum().backward()
+    g = net[0].weight.grad.reshape(4, -1).clone()
+    proj.project()
+    # The retained directions are the complement of m within the full basis.
+    q, _ = torch.linalg.qr(torch.cat([m, torch.randn(9, 9 - m.shape[1])], 1))
+    u = q[:, m.shape[1]:]
+    expected = g - (g @ u) @ u.T
+    assert torch.allclose(net[0].weight.grad.reshape(4, -1), expected, atol=1e-5)
