@@ -104,6 +104,41 @@ def reference_style(model, x, y, num_classes, attack: AttackConfig, max_steps: i
     return {"attack": t_attack, "importance": t_imp, "updates": time.perf_counter() - t0, "steps": steps}
 
 
+ATTACK_VARIANTS = {"fp32": ("eager fp32", False, None), "bf16": ("eager bf16 autocast", False, torch.bfloat16),
+                   "compile": ("torch.compile fp32", True, None)}
+
+
+def attack_variants(ckpt, dev, x, y, attack: AttackConfig, names: list[str]) -> list[dict]:
+    """The batched attack in fp32, under bf16 autocast and through torch.compile, on the same
+    images and seeds: seconds (twice: the first call of the compiled model includes compiling)
+    and attack success (share of copies the fp32 model puts in their target class), so a faster
+    variant is only adopted if it attacks as well."""
+    from l2ul_cli.attack import adversarial_set
+
+    judge = fresh(ckpt, dev).model
+    rows = []
+    for name, compiled, dtype in (ATTACK_VARIANTS[n] for n in names):
+        model = fresh(ckpt, dev).model
+        if dev.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        if compiled:
+            model = torch.compile(model)
+        times = []
+        for _ in range(2):
+            sync(dev)
+            t0 = time.perf_counter()
+            xa, ta, _ = adversarial_set(model, x, y, 10, n_adv=attack.n_adv, generator=torch.Generator().manual_seed(0),
+                                        eps=attack.radius(tuple(x.shape[1:])), step_size=attack.step_size,
+                                        steps=attack.steps, batch_size=attack.batch_size, autocast_dtype=dtype)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            success = float((judge(xa).argmax(1) == ta).float().mean())
+        rows.append({"variant": name, "first_s": times[0], "second_s": times[1], "success": success})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,6 +152,8 @@ def main() -> None:
     ap.add_argument("--method", default="l2ul", help="method of the batched path (the paper's adv+imp can diverge: −CE)")
     ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig/AttackConfig overrides, e.g. synthetic_retain=0")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--attack-variants", nargs="*", choices=list(ATTACK_VARIANTS), default=[],
+                    help="also time the attack this way (first k only), e.g. fp32 bf16 compile")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -171,6 +208,13 @@ def main() -> None:
         vs = f"{retrain / r['total']:.1f}×" if retrain else "–"
         lines.append(f"| {r['k']} | {r['attack']:.2f} | {r['importance']:.2f} | {r['synthesis']:.2f} | {r['updates']:.2f} ({r['steps']}) | {r['total']:.2f} | "
                      f"{r['passes_s']:,.0f} | {r['tflops']:.3f} ({100 * r['tflops'] / rate:.1f}%) | {ref} | {up} | {vs} |")
+    if args.attack_variants:
+        k = ks[0]
+        idx = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(k))[:k]
+        lines += ["", f"Attack variants, k = {k} (same images and seeds; success: share of copies the fp32 model puts in their target class):", "",
+                  "| attack | first call s | second call s | success |", "|---|---|---|---|"]
+        for v in attack_variants(ckpt, dev, x_all[idx].to(dev), y_all[idx].to(dev), attack, args.attack_variants):
+            lines.append(f"| {v['variant']} | {v['first_s']:.2f} | {v['second_s']:.2f} | {100 * v['success']:.1f} % |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -35,14 +35,15 @@ def test_quality_benchmark_smoke(tmp_path):
     assert "continual" in out and "passed with --keep" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| l2ul | 8 |") or line.startswith("| l2ul | 16 |")]
     assert [r[1] for r in rows][-2:] == ["8", "16"]
-    assert [r[-1].strip(" |") for r in rows][-2:] == ["1", "2"]  # one ledger entry per request
+    assert [r[-2].strip(" |") for r in rows][-2:] == ["1", "2"]  # one ledger entry per request
 
 
 @needs_fmnist
 def test_speed_benchmark_smoke(tmp_path):
     out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3",
-               "--set", "synthetic_retain=16", "synthetic_steps=3", tmp_path=tmp_path)
+               "--set", "synthetic_retain=16", "synthetic_steps=3", "--attack-variants", "fp32", "bf16", tmp_path=tmp_path)
     assert "image-passes/s" in out and "reference-style" in out and "stand-ins s" in out
+    assert "| eager fp32 |" in out and "| eager bf16 autocast |" in out
 
 
 @needs_fmnist
