@@ -142,7 +142,9 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, o
         seen = idx_all[:(r_i + 1) * per]
         m = ev.metrics(fresh(current, dev), seen, ev.y[seen], "forget")
         rows.append({"k": len(seen), **m, "steps": rep["steps"], "goal_met": rep["goal_met"],
+                     "seconds": rep["seconds"].get("total", float("nan")),
                      "ledger": len(read_checkpoint(current).meta.get("ledger", []))})
+        print("continual", method, rows[-1], flush=True)  # a long run: show each request as it lands
     return rows
 
 
@@ -235,8 +237,8 @@ def main() -> None:
         lines = ["### continual: 8 images per request, each on the previous output", "",
                  f"Through the request API as the CLI runs it (PNG folders, ledger), earlier requests "
                  f"{'passed with --keep' if not args.continual_without_keep else 'NOT passed (no --keep)'}.", "",
-                 "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries | seconds |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory(prefix="l2ul-continual-") as work:
             for method in args.forget_methods:
                 folder = Path(work) / method.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "-")
@@ -244,7 +246,7 @@ def main() -> None:
                                      keep=not args.continual_without_keep):
                     lines.append(f"| {method} | {row['k']} | {row['D_f'] * 100:.1f} | {row['D_r'] * 100:.1f} | "
                                  f"{row['D_test'] * 100:.1f} | {row['steps']} | {'met' if row.get('goal_met') else 'NOT met'} | "
-                                 f"{row.get('ledger', '–')} |")
+                                 f"{row.get('ledger', '–')} | {row.get('seconds', float('nan')):.0f} |")
         t = "\n".join(lines) + "\n"
         print(t)
         out.append(t)
