@@ -118,9 +118,7 @@ def attack_variants(ckpt, dev, x, y, attack: AttackConfig, names: list[str]) -> 
     judge = fresh(ckpt, dev).model
     rows = []
     for name, compiled, dtype in (ATTACK_VARIANTS[n] for n in names):
-        model = fresh(ckpt, dev).model
-        if dev.type == "cuda":
-            model.to(memory_format=torch.channels_last)
+        model = fresh(ckpt, dev).model  # channels_last already: load_model does it for conv nets
         if compiled:
             model = torch.compile(model)
         times = []
@@ -173,8 +171,6 @@ def main() -> None:
         idx = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(k))[:k]
         x, y = x_all[idx].to(dev), y_all[idx].to(dev)
         loaded = fresh(ckpt, dev)
-        if dev.type == "cuda":
-            loaded.model.to(memory_format=torch.channels_last)
         flops = attack_flops_per_pass(loaded.model, x[:1].repeat(64, 1, 1, 1))
         sync(dev)
         t0 = time.perf_counter()

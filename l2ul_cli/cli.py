@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from . import __version__
-from .config import DEFAULT_METHOD, AttackConfig
+from .config import DEFAULT_METHOD, METHODS, AttackConfig, UnlearnConfig
 from .errors import GoalNotMet, L2ULError
 from .progress import RichProgress
 from .report import render_run, to_json
@@ -189,7 +189,7 @@ AttackLrOpt = Annotated[float, typer.Option("--attack-step-size", help="PGD step
 PerCopyOpt = Annotated[bool, typer.Option("--per-copy-targets", help="Draw an attack target for every copy (Algorithm 1 draws one per image).")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="SGD learning rate [default: 1e-3].")]
 LamOpt = Annotated[Optional[float], typer.Option("--lam", help="λ of the importance penalty [default: 1].")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Step cap [default: 2000 for l2ul, 500 for the paper's methods].")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help=f"Step cap [default: {METHODS['l2ul']['max_steps']} for l2ul, {UnlearnConfig.max_steps} for the paper's methods].")]
 BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during updates: eval (frozen) or train (reference code) [default: eval].")]
 ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="Override the method's objective: ce (paper) or margin (bounded).")]
 AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
@@ -197,7 +197,7 @@ RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id reco
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
 RetainOpt = Annotated[Optional[List[Path]], typer.Option("--retain", help="Other images of the same domain (folder or CSV, labels not needed): updates are kept orthogonal to what the model's layers see on them, which keeps far more accuracy elsewhere; repeatable.")]
 SyntheticOpt = Annotated[Optional[int], typer.Option("--synthetic-retain", help="Without --retain: this many stand-in images made from the model's BatchNorm statistics play their part; 0: no projection [default: 256 for l2ul, 0 for the paper's methods].")]
-RetainEnergyOpt = Annotated[Optional[float], typer.Option("--retain-energy", help="Share of the --retain images' input energy per layer that updates must not touch [default: 0.995].")]
+RetainEnergyOpt = Annotated[Optional[float], typer.Option("--retain-energy", help=f"Share of the --retain images' input energy per layer that updates must not touch [default: {UnlearnConfig.retain_energy}].")]
 RecordPathsOpt = Annotated[bool, typer.Option("--record-paths", help="Record image paths in the checkpoint's ledger (by default only their SHA-256).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", callback=_load_config, is_eager=True, help="TOML (or YAML) file of option = value (keys as the long options; [forget]/[relabel]/[eval] tables); flags win.")]
 MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown report here (figures as PNG files beside it with the plots extra).")]

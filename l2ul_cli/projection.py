@@ -29,7 +29,7 @@ def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class GradientProjector:
     """Bases of the retained inputs of every conv/linear layer, and the projection of gradients."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, *, energy: float = 0.995, batch_size: int = 32,
+    def __init__(self, model: nn.Module, images: torch.Tensor, *, energy: float, batch_size: int = 32,
                  max_columns: int = 50_000, seed: int = 0):
         self.energy = energy
         self.source = f"{images.shape[0]} retained images"
