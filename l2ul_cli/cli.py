@@ -187,7 +187,7 @@ NAdvOpt = Annotated[int, typer.Option("--n-adv", help="Adversarial copies per im
 AttackStepsOpt = Annotated[int, typer.Option("--attack-steps", help="PGD iterations.")]
 AttackLrOpt = Annotated[float, typer.Option("--attack-step-size", help="PGD step length (L2).")]
 PerCopyOpt = Annotated[bool, typer.Option("--per-copy-targets", help="Draw an attack target for every copy (Algorithm 1 draws one per image).")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="SGD learning rate [default: 1e-3].")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help=f"SGD learning rate of the update steps, projected or not [default: {METHODS['l2ul']['projected_lr']:g} for l2ul ({METHODS['l2ul']['lr']:g} when updates are not projected), {UnlearnConfig.lr:g} for the paper's methods].")]
 LamOpt = Annotated[Optional[float], typer.Option("--lam", help="λ of the importance penalty [default: 1].")]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help=f"Step cap [default: {METHODS['l2ul']['max_steps']} for l2ul, {UnlearnConfig.max_steps} for the paper's methods].")]
 BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during updates: eval (frozen) or train (reference code) [default: eval].")]

@@ -131,8 +131,14 @@ def attack_preset(method: str, **overrides: Any) -> AttackConfig:
 
 
 def preset(method: str, base: UnlearnConfig | None = None, **overrides: Any) -> UnlearnConfig:
-    """UnlearnConfig for a method name, with explicit overrides (None values ignored)."""
+    """UnlearnConfig for a method name, with explicit overrides (None values ignored).
+
+    An explicit ``lr`` is the learning rate of every update step, projected or not: it clears the
+    method's ``projected_lr`` unless that is overridden too."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     cfg = replace(base or UnlearnConfig(), **METHODS[method])
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "lr" in given:
+        given.setdefault("projected_lr", None)
+    return replace(cfg, **given)

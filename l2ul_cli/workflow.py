@@ -160,8 +160,6 @@ def run_request(
     if method not in allowed:
         raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
     cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
-    if (unlearn_overrides or {}).get("lr") is not None:
-        cfg = replace(cfg, projected_lr=None)  # an explicit --lr is the learning rate, projected or not
     attack = attack or attack_preset(method, **(attack_overrides or {}))
     dev = resolve_device(device)
     ckpt = Path(checkpoint)

@@ -86,3 +86,25 @@ def test_complement_path_gives_the_same_projection():
     u = q[:, m.shape[1]:]
     expected = g - (g @ u) @ u.T
     assert torch.allclose(net[0].weight.grad.reshape(4, -1), expected, atol=1e-5)
+
+
+def test_explicit_lr_drives_projected_updates():
+    """--lr is the learning rate of projected steps too: l2ul's projected_lr gives way to it."""
+    from l2ul_cli.config import AttackConfig, preset
+    from l2ul_cli.unlearn import unlearn
+
+    assert preset("l2ul", lr=3e-3).projected_lr is None
+    assert preset("l2ul", lr=3e-3, projected_lr=1e-2).projected_lr == 1e-2
+
+    def moved(**over) -> float:
+        net = _net()
+        start = [p.detach().clone() for p in net.parameters()]
+        images = torch.rand((2, 1, 12, 12), generator=torch.Generator().manual_seed(4))
+        targets = (net(images).argmax(1) + 1) % 5  # new labels, not yet met
+        cfg = preset("l2ul", max_steps=3, adv_loss="none", importance=False, **over)
+        proj = GradientProjector(net, _smooth(32, 5), energy=0.99)
+        unlearn(net, images, targets, goal="relabel", num_classes=5, config=cfg, attack=AttackConfig(n_adv=0), projector=proj)
+        return sum(float((p.detach() - s).abs().sum()) for p, s in zip(net.parameters(), start))
+
+    assert moved() > 0  # the preset's projected lr moves the weights
+    assert moved(lr=0.0) == 0.0  # an explicit lr of zero holds them, projection or not
