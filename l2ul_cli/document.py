@@ -26,7 +26,7 @@ def _run_blocks(report: dict[str, Any]) -> list[Block]:
     out_line = f"output: `{report['output']}`" + (f" (sha256 `{report['output_sha256'][:16]}…`)" if report.get("output_sha256") else "")
     blocks: list[Block] = [
         ("p", f"{status} · method `{report['method']}` · {report['n_images']} images · {report['steps']} steps · "
-              f"device {report['device']}"),
+              f"device {report['device']}" + (f" · {report['precision']}" if report.get("precision") else "")),
         ("ul", [f"input: `{report['input']}` (sha256 `{report['input_sha256'][:16]}…`)", out_line]),
         ("table", ["", "before", "after"],
          [[k.replace("_", " "), _pct(report["before"].get(k)), _pct(report["after"].get(k))]

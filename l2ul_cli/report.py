@@ -64,6 +64,8 @@ def render_run(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     times = " · ".join(f"{k} {v:.2f}s" for k, v in report["seconds"].items())
     console.print(f"images: {report['n_images']} · steps: {report['steps']} · {times}")
+    if report.get("precision"):
+        console.print(f"precision: {report['precision']}")
     if report.get("projection"):
         console.print(f"updates kept orthogonal to {report['projection']}")
     for note in report.get("notes", []):

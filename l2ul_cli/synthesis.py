@@ -39,13 +39,15 @@ def invert_batchnorm(
     tv_weight: float = 1e-4,
     seed: int = 0,
     batch_size: int = BATCH,
+    autocast_dtype: torch.dtype | None = None,  # e.g. bfloat16 (precision.autocast_dtype)
     progress: Callable[[int], None] | None = None,  # called once per optimisation step
 ) -> torch.Tensor:
     """``n`` images in [0, 1] (classes in turn) whose BatchNorm statistics match the model's.
 
     Loss per batch: cross-entropy to the chosen classes + Σ over BatchNorm layers of the L2
     distance between the batch's per-channel mean/variance and the running ones + a small
-    total-variation term. Parameters are not changed; the model is left in eval mode.
+    total-variation term. Parameters are not changed; the model is left in eval mode. Under
+    ``autocast_dtype`` the model runs in that precision; the images and the statistics stay fp32.
     """
     device = next(model.parameters()).device
     bns = _batchnorms(model)
@@ -73,7 +75,8 @@ def invert_batchnorm(
         for _ in range(steps):
             distances.clear()
             x = torch.sigmoid(z)
-            logits = model(x).float()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(x).float()
             tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
             loss = F.cross_entropy(logits, y) + torch.stack(distances).sum() + tv_weight * tv
             opt.zero_grad(set_to_none=True)

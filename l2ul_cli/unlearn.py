@@ -21,6 +21,7 @@ from .attack import adversarial_set
 from .config import AttackConfig, Goal, UnlearnConfig
 from .errors import NumericalError
 from .importance import ImportancePenalty, mas_importance
+from .precision import autocast_dtype as reduced_precision
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
 from .synthesis import has_batchnorm, invert_batchnorm
@@ -56,6 +57,7 @@ class UnlearnResult:
     notes: list[str] = field(default_factory=list)
     projection: str | None = None  # what the updates were kept orthogonal to, if anything
     loss_history: list[float] = field(default_factory=list)
+    precision: str = "fp32"  # what the attack and the stand-ins ran in
 
 
 def goal_mask(logits: torch.Tensor, targets: torch.Tensor, goal: Goal) -> torch.Tensor:
@@ -149,7 +151,7 @@ def unlearn(
     torch.manual_seed(seed)
     seconds = {"attack": 0.0, "importance": 0.0}  # then "synthesis" when made, "updates"
     notes: list[str] = []
-    autocast_dtype = torch.bfloat16 if (amp and device.type == "cuda") else None
+    autocast_dtype = reduced_precision(device, amp)
     model.eval()
 
     x_adv = t_adv = teacher = None
@@ -191,7 +193,8 @@ def unlearn(
             t0 = time.perf_counter()
             progress.start("synthesis", config.synthetic_steps * -(-config.synthetic_retain // SYNTH_BATCH), unit="steps")
             stand_ins = invert_batchnorm(model, config.synthetic_retain, tuple(images.shape[1:]), num_classes,
-                                         steps=config.synthetic_steps, seed=seed, progress=progress.advance)
+                                         steps=config.synthetic_steps, seed=seed, autocast_dtype=autocast_dtype,
+                                         progress=progress.advance)
             progress.finish()
             projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
             projector.source = f"{config.synthetic_retain} stand-in images from BatchNorm statistics"
@@ -286,5 +289,6 @@ def unlearn(
         goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),
         lam_final=penalty.lam if penalty is not None else None,
         adv_attack_success=adv_success, notes=notes, loss_history=losses,
+        precision=f"{str(autocast_dtype).removeprefix('torch.')} autocast (attack, stand-ins)" if autocast_dtype else "fp32",
         projection=f"{projector.source}, energy {projector.energy}: {projector.summary()}" if projector is not None else None,
     )

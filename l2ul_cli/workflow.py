@@ -244,6 +244,7 @@ def run_request(
         "method": method,
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         "seed": seed,
+        "precision": result.precision,
         "arch": loaded.arch,
         "n_images": len(samples),
         "before": {before_key: before_value},

@@ -34,10 +34,12 @@ def _distance(net: nn.Module, x: torch.Tensor) -> float:
     return float((mean - bn.running_mean).norm() + (var - bn.running_var).norm())
 
 
-def test_stand_ins_match_batchnorm_statistics_and_leave_the_model_alone():
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_stand_ins_match_batchnorm_statistics_and_leave_the_model_alone(dtype):
     net = _trained_bn_net()
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    x = invert_batchnorm(net, 40, (1, 10, 10), 3, steps=150, seed=0, batch_size=20)
+    x = invert_batchnorm(net, 40, (1, 10, 10), 3, steps=150, seed=0, batch_size=20, autocast_dtype=dtype)
+    assert x.dtype == torch.float32  # reduced precision inside the model only
     assert x.shape == (40, 1, 10, 10) and 0 <= float(x.min()) and float(x.max()) <= 1
     noise = torch.rand(40, 1, 10, 10, generator=torch.Generator().manual_seed(1))
     assert _distance(net, x) < 0.25 * _distance(net, noise)
