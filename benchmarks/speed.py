@@ -3,10 +3,11 @@
 For ResNet-18 on Fashion-MNIST (the quality benchmark's model) and k forget images it measures
 seconds per phase, attack throughput (image-passes/s: k·N_adv·T forward+backward passes), the
 attack's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the device's
-measured matrix-multiply rate (bf16 on CUDA, fp32 on CPU, measured in the same run), the ratio to
-a reference-style loop written here (one adversarial copy at a time, fp32, separate forward
-passes, BatchNorm in train mode, the whole forget set evaluated after every step), and the wall
-time of training the model from scratch with the benchmark's recipe.
+measured matrix-multiply rate (in the attack's precision: bf16 where native, else fp32; measured
+in the same run), the ratio to a reference-style loop written here (one adversarial copy at a
+time, fp32, separate forward passes, BatchNorm in train mode, the whole forget set evaluated
+after every step), and the wall time of training the model from scratch with the benchmark's
+recipe.
 
     python benchmarks/speed.py                 # CUDA: k = 16, 128
     python benchmarks/speed.py --ks 16         # 2 CPU cores
@@ -29,6 +30,7 @@ from common import device_name, fmnist, fresh, split_settings, train_resnet18  #
 from l2ul_cli.attack import draw_targets, pgd_l2_targeted  # noqa: E402
 from l2ul_cli.config import AttackConfig, preset  # noqa: E402
 from l2ul_cli.importance import ImportancePenalty, mas_importance  # noqa: E402
+from l2ul_cli.precision import autocast_dtype  # noqa: E402
 from l2ul_cli.unlearn import unlearn  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -39,10 +41,9 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def matmul_rate(dev) -> float:
-    """Measured dense matrix-multiply TFLOP/s: bf16 on CUDA, fp32 on CPU."""
+def matmul_rate(dev, dtype: torch.dtype) -> float:
+    """Measured dense matrix-multiply TFLOP/s in ``dtype`` (the attack's precision on ``dev``)."""
     n = 8192 if dev.type == "cuda" else 1024
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     for _ in range(3):
@@ -146,7 +147,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--train-subset", type=int, default=0)
-    ap.add_argument("--max-steps", type=int, default=100, help="update-step cap for both paths")
+    ap.add_argument("--max-steps", type=int, default=None, help="update-step cap for both paths [default: the method's]")
     ap.add_argument("--method", default="l2ul", help="method of the batched path (the paper's adv+imp can diverge: −CE)")
     ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig/AttackConfig overrides, e.g. synthetic_retain=0")
     ap.add_argument("--no-reference", action="store_true")
@@ -162,7 +163,8 @@ def main() -> None:
 
     train_info = read_checkpoint(ckpt).meta.get("training", {})
     x_all, y_all = fmnist("train")
-    rate = matmul_rate(dev)
+    attack_dtype = autocast_dtype(dev) or torch.float32
+    rate = matmul_rate(dev, attack_dtype)
     unl, att = split_settings(args.method, dict(kv.split("=", 1) for kv in args.set))
     attack = replace(AttackConfig(n_adv=args.n_adv, steps=args.attack_steps), **att)
     config = preset(args.method, max_steps=args.max_steps, **unl)
@@ -185,7 +187,7 @@ def main() -> None:
                "tflops": flops * passes / r.seconds["attack"] / 1e12}
         if not args.no_reference:
             ref_model = fresh(ckpt, dev).model
-            ref = reference_style(ref_model, x, y, 10, attack, args.max_steps, 0)
+            ref = reference_style(ref_model, x, y, 10, attack, config.max_steps, 0)
             row["ref_total"] = ref["attack"] + ref["importance"] + ref["updates"]
             row["ref"] = ref
         rows.append(row)
@@ -193,8 +195,8 @@ def main() -> None:
     retrain = train_info.get("seconds")
     lines = [f"## Speed · {device_name(dev)}", "",
              f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`. ResNet-18 on Fashion-MNIST 28×28, "
-             f"{args.method} (batched path; the reference-style loop runs ADV+IMP's structure), N_adv={attack.n_adv}, T={attack.steps} PGD steps, update cap {args.max_steps}. Matrix-multiply rate "
-             f"measured in this run: {rate:.1f} TFLOP/s ({'bf16' if dev.type == 'cuda' else 'fp32'}). Retraining from scratch "
+             f"{args.method} (batched path; the reference-style loop runs ADV+IMP's structure), N_adv={attack.n_adv}, T={attack.steps} PGD steps, update cap {config.max_steps}. Matrix-multiply rate "
+             f"measured in this run: {rate:.1f} TFLOP/s ({str(attack_dtype).removeprefix('torch.')}, the attack's precision here). Retraining from scratch "
              f"with the benchmark recipe: {retrain:.0f} s ({train_info.get('epochs')} epochs, {train_info.get('device')})." if retrain else "",
              "", "| k | attack s | importance s | stand-ins s | updates s (steps) | total s | image-passes/s | attack TFLOP/s (% of matmul) | reference-style total s | speed-up | vs retraining |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -202,7 +204,7 @@ def main() -> None:
         ref = f"{r['ref_total']:.1f}" if "ref_total" in r else "–"
         up = f"{r['ref_total'] / r['total']:.1f}×" if "ref_total" in r else "–"
         vs = f"{retrain / r['total']:.1f}×" if retrain else "–"
-        lines.append(f"| {r['k']} | {r['attack']:.2f} | {r['importance']:.2f} | {r['synthesis']:.2f} | {r['updates']:.2f} ({r['steps']}) | {r['total']:.2f} | "
+        lines.append(f"| {r['k']} | {r['attack']:.2f} | {r['importance']:.2f} | {r['synthesis']:.2f} | {r['updates']:.2f} ({r['steps']}{'' if r['goal'] else ', goal NOT met'}) | {r['total']:.2f} | "
                      f"{r['passes_s']:,.0f} | {r['tflops']:.3f} ({100 * r['tflops'] / rate:.1f}%) | {ref} | {up} | {vs} |")
     if args.attack_variants:
         k = ks[0]
