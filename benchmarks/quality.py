@@ -53,6 +53,9 @@ def parse_variant(name: str, overrides: dict, attack_over: dict) -> tuple[str, d
     return base, {**overrides, **unl}, {**attack_over, **att}
 
 
+PRECISION = "auto"  # --precision: of the attack and stand-ins in every cell, as the CLI's option
+
+
 def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack_over: dict, overrides: dict) -> dict:
     loaded = fresh(ckpt, dev)
     idx = pick(len(ev.y), k, seed)
@@ -64,7 +67,7 @@ def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack_over: dict,
     t0 = time.perf_counter()
     try:
         r = unlearn(loaded.model, x, targets.to(dev), goal=goal, num_classes=10, config=cfg, attack=attack,
-                    attack_labels=y.to(dev), seed=seed)
+                    attack_labels=y.to(dev), seed=seed, precision=PRECISION)
     except NumericalError:  # −CE is unbounded: the paper's objectives can diverge
         nan = float("nan")
         return {"D_f": nan, "D_r": nan, "D_test": nan, "mia_auc": nan, "steps": nan,
@@ -130,7 +133,7 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, o
         out = workdir / f"after-{r_i + 1}.safetensors"
         try:
             rep = run_request("forget", current, images=folder, keep=done if keep else (), out=out, method=method,
-                              device=str(dev), seed=seed + r_i, force=True, allow_partial=True,
+                              device=str(dev), seed=seed + r_i, force=True, allow_partial=True, precision=PRECISION,
                               attack_overrides=attack_over, unlearn_overrides=overrides, request_id=f"request-{r_i + 1}")
         except GoalNotMet as exc:
             rep = exc.report
@@ -192,8 +195,11 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=None)
     ap.add_argument("--eps", type=float, default=None, help="attack radius for every method (default: each method's)")
     ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig/AttackConfig overrides for every method, e.g. lr=1e-4")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="of the attack and stand-ins, as the CLI's")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     dev = torch.device(args.device)
     quick = args.quick or dev.type == "cpu"
     epochs = args.epochs or (3 if quick else 15)

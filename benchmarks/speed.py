@@ -3,8 +3,8 @@
 For ResNet-18 on Fashion-MNIST (the quality benchmark's model) and k forget images it measures
 seconds per phase, attack throughput (image-passes/s: k·N_adv·T forward+backward passes), the
 attack's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the device's
-measured matrix-multiply rate (in the attack's precision: bf16 where native, else fp32; measured
-in the same run), the ratio to a reference-style loop written here (one adversarial copy at a
+measured matrix-multiply rate (in the attack's precision, ``--precision`` as the CLI's: bf16 on
+CUDA, fp32 on CPU by default; measured in the same run), the ratio to a reference-style loop written here (one adversarial copy at a
 time, fp32, separate forward passes, BatchNorm in train mode, the whole forget set evaluated
 after every step), and the wall time of training the model from scratch with the benchmark's
 recipe.
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--attack-variants", nargs="*", choices=list(ATTACK_VARIANTS), default=[],
                     help="also time the attack this way (first k only), e.g. fp32 bf16 compile")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="of the attack and stand-ins, as the CLI's")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -163,7 +164,7 @@ def main() -> None:
 
     train_info = read_checkpoint(ckpt).meta.get("training", {})
     x_all, y_all = fmnist("train")
-    attack_dtype = autocast_dtype(dev) or torch.float32
+    attack_dtype = autocast_dtype(dev, args.precision) or torch.float32
     rate = matmul_rate(dev, attack_dtype)
     unl, att = split_settings(args.method, dict(kv.split("=", 1) for kv in args.set))
     attack = replace(AttackConfig(n_adv=args.n_adv, steps=args.attack_steps), **att)
@@ -177,7 +178,7 @@ def main() -> None:
         sync(dev)
         t0 = time.perf_counter()
         r = unlearn(loaded.model, x, y, goal="forget", num_classes=10,
-                    config=config, attack=attack, seed=0)
+                    config=config, attack=attack, seed=0, precision=args.precision)
         sync(dev)
         total = time.perf_counter() - t0
         passes = k * attack.n_adv * attack.steps

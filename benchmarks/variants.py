@@ -10,8 +10,8 @@ figures come from quality.py.
 
 A variant is ``key=value`` pairs, comma-separated: fields of UnlearnConfig or AttackConfig, plus
 ``method=NAME`` (default l2ul), ``real_retain=1`` (project updates away from ``--retain``
-other training images, as the CLI's --retain does) and ``amp=0`` (attack and stand-ins in fp32
-even where bf16 is native). The attack defaults to N_adv=5 and 20 PGD steps (``--n-adv``,
+other training images, as the CLI's --retain does) and ``precision=fp32|bf16`` (of the attack
+and stand-ins, as the CLI's --precision; default auto). The attack defaults to N_adv=5 and 20 PGD steps (``--n-adv``,
 ``--attack-steps``).
 """
 
@@ -40,14 +40,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import split_settings  # noqa: E402
 
 
-def parse(variant: str) -> tuple[str, dict, dict, bool, bool]:
-    """(method, UnlearnConfig overrides, AttackConfig overrides, use real retain images, reduced
-    precision where native) of one variant."""
+def parse(variant: str) -> tuple[str, dict, dict, bool, str]:
+    """(method, UnlearnConfig overrides, AttackConfig overrides, use real retain images, precision
+    of the attack and stand-ins) of one variant."""
     kv = dict(x.split("=", 1) for x in variant.split(",")) if variant != "default" else {}
     method = kv.pop("method", "l2ul")
     real = kv.pop("real_retain", "0") in ("1", "true")
-    amp = kv.pop("amp", "1") in ("1", "true")
-    return (method, *split_settings(method, kv), real, amp)
+    precision = kv.pop("precision", "auto")
+    return (method, *split_settings(method, kv), real, precision)
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
     # (their seconds are shown where they were made).
     stand_ins: dict[tuple[int, int], torch.Tensor] = {}
     for v in args.variants:
-        method, unl, att, real, amp = parse(v)
+        method, unl, att, real, precision = parse(v)
         model = load_model(args.checkpoint, None, device=dev).model
         cfg = replace(preset(method), **unl)
         synth_s = 0.0
@@ -93,18 +93,18 @@ def main() -> None:
         if real:
             projector = GradientProjector(model, xr, energy=cfg.retain_energy)
         elif cfg.synthetic_retain > 0:
-            key = (cfg.synthetic_retain, cfg.synthetic_steps, amp)
+            key = (cfg.synthetic_retain, cfg.synthetic_steps, precision)
             if key not in stand_ins:
                 t0 = time.perf_counter()
                 stand_ins[key] = invert_batchnorm(model, key[0], tuple(xf.shape[1:]), 10, steps=key[1], seed=args.seed,
-                                                  autocast_dtype=autocast_dtype(dev, amp))
+                                                  autocast_dtype=autocast_dtype(dev, precision))
                 synth_s = time.perf_counter() - t0
             projector = GradientProjector(model, stand_ins[key], energy=cfg.retain_energy)
         attack = attack_preset(method, **{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
         t0 = time.perf_counter()
         try:
             r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg,
-                        attack=attack, seed=args.seed, amp=amp, projector=projector)
+                        attack=attack, seed=args.seed, precision=precision, projector=projector)
         except NumericalError:
             print(f"| {v} | diverged | – | – | – | {time.perf_counter() - t0:.0f} |", flush=True)
             continue

@@ -86,7 +86,7 @@ class RunConfig:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast for the attack and the stand-ins where native (precision.py)
+    precision: str = "auto"  # of the attack and the stand-ins (precision.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,14 +1,21 @@
-"""Reduced precision where the hardware runs it natively.
+"""The precision of the attack and the stand-in images: ``auto``, ``fp32`` or ``bf16``.
 
-The attack and the stand-in images only need gradients that point the right way, so they can run
-under bf16 autocast; the weight updates stay fp32 (projected gradients are small). bf16 pays only
-where it is native: CUDA GPUs that support it, and CPUs with AVX-512 BF16 or AMX, on which
-oneDNN runs bf16 convolutions. Elsewhere it is emulated and slower, so fp32 is kept.
+Both only need gradients that point the right way, so they can run under bf16 autocast; the
+weight updates always stay fp32 (projected gradients are small). ``auto`` uses bf16 on CUDA GPUs
+that support it and fp32 on CPUs: on a CPU with native bf16 (AVX-512 BF16) it made the attack
+and stand-ins of the benchmark's ResNet-18 1.6x faster but those of the example lcnet_050, whose
+convolutions are depthwise and narrow, 1.7x slower (benchmarks/RESULTS.md), so on a CPU it is
+the user's call (``bf16``).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -17,12 +24,20 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def autocast_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
-    """bfloat16 when ``amp`` and ``device`` runs it natively, else None (fp32)."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
+def autocast_dtype(device: torch.device, precision: Precision = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got '{precision}')")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     return None
+
+
+def describe(dtype: torch.dtype | None, device: torch.device) -> str:
+    """What the report says about the precision that ran."""
+    if dtype is None:
+        return "fp32"
+    emulated = device.type == "cpu" and not cpu_has_native_bf16()
+    return f"{str(dtype).removeprefix('torch.')} autocast (attack, stand-ins){', emulated on this CPU' if emulated else ''}"

@@ -21,6 +21,7 @@ from .attack import adversarial_set
 from .config import AttackConfig, Goal, UnlearnConfig
 from .errors import NumericalError
 from .importance import ImportancePenalty, mas_importance
+from .precision import Precision, describe
 from .precision import autocast_dtype as reduced_precision
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
@@ -132,7 +133,7 @@ def unlearn(
     attack: AttackConfig,
     attack_labels: torch.Tensor | None = None,
     seed: int = 0,
-    amp: bool = True,
+    precision: Precision = "auto",
     progress: Progress | None = None,
     projector: GradientProjector | None = None,
 ) -> UnlearnResult:
@@ -151,7 +152,7 @@ def unlearn(
     torch.manual_seed(seed)
     seconds = {"attack": 0.0, "importance": 0.0}  # then "synthesis" when made, "updates"
     notes: list[str] = []
-    autocast_dtype = reduced_precision(device, amp)
+    autocast_dtype = reduced_precision(device, precision)
     model.eval()
 
     x_adv = t_adv = teacher = None
@@ -289,6 +290,6 @@ def unlearn(
         goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),
         lam_final=penalty.lam if penalty is not None else None,
         adv_attack_success=adv_success, notes=notes, loss_history=losses,
-        precision=f"{str(autocast_dtype).removeprefix('torch.')} autocast (attack, stand-ins)" if autocast_dtype else "fp32",
+        precision=describe(autocast_dtype, device),
         projection=f"{projector.source}, energy {projector.energy}: {projector.summary()}" if projector is not None else None,
     )

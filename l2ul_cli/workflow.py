@@ -141,7 +141,7 @@ def run_request(
     keep: Sequence[str | os.PathLike] = (),
     retain: Sequence[str | os.PathLike] = (),
     eval_images: str | os.PathLike | None = None,
-    amp: bool = True,
+    precision: str = "auto",
     progress: Progress | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -221,7 +221,7 @@ def run_request(
         seconds["retain"] = time.perf_counter() - t0
     result = unlearn(
         model, x_all, t_all.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
-        attack_labels=a_all.to(dev), seed=seed, amp=amp, progress=progress, projector=projector,
+        attack_labels=a_all.to(dev), seed=seed, precision=precision, progress=progress, projector=projector,
     )
     seconds.update(result.seconds)
     all_logits = result.logits

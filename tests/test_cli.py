@@ -165,18 +165,19 @@ def test_same_seed_same_bytes_on_cpu(digits_checkpoint, forget_dir, tmp_path, mo
     assert any(not torch.equal(ta[k], tc[k]) for k in ta)  # the seed matters
 
 
-def test_bf16_where_native_and_fp32_on_request(digits_checkpoint, forget_dir, tmp_path, monkeypatch):
-    from l2ul_cli import precision
+def test_precision_option_reaches_the_attack(digits_checkpoint, forget_dir, tmp_path):
+    from l2ul_cli.checkpoint import read_checkpoint
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # as on AVX-512 BF16 / AMX CPUs
     outs = {}
-    for flag in ("", "--fp32"):
-        out, rep = tmp_path / f"o{flag}.safetensors", tmp_path / f"r{flag}.json"
-        r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep, *([flag] if flag else []), *FAST)
+    for choice in ("auto", "fp32", "bf16"):
+        out, rep = tmp_path / f"o-{choice}.safetensors", tmp_path / f"r-{choice}.json"
+        r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep, "--precision", choice, *FAST)
         assert r.exit_code == 0, r.output
-        outs[flag] = (json.loads(rep.read_text())["precision"], sha(out))
-    assert outs[""][0] == "bfloat16 autocast (attack, stand-ins)" and outs["--fp32"][0] == "fp32"
-    assert outs[""][1] != outs["--fp32"][1]  # the precision reaches the attack
+        outs[choice] = (json.loads(rep.read_text())["precision"], read_checkpoint(out).state_dict)
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert outs["auto"][0] == outs["fp32"][0] == "fp32" and same(outs["auto"][1], outs["fp32"][1])  # auto: fp32 on a CPU
+    assert outs["bf16"][0].startswith("bfloat16 autocast (attack, stand-ins)")
+    assert not same(outs["bf16"][1], outs["fp32"][1])  # the precision reaches the attack
 
 
 def test_pickle_checkpoint_with_prefixes_and_index_folders(digits_checkpoint, digits, tmp_path):
