@@ -59,3 +59,16 @@ def test_variants_script_smoke():
                                                      "| eps_at_28x28=0.5,noise_copies=2,synthetic_retain=0",
                                                      "| real_retain=1,synthetic_retain=0"]
     assert all(" met " in row or "NOT met" in row or "diverged" in row for row in rows)
+
+
+@needs_fmnist
+def test_collateral_script_smoke():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collateral.py"), str(ROOT / "examples" / "fashion-mnist-lcnet_050.safetensors"),
+                        "--k", "4", "--n-adv", "2", "--attack-steps", "2", "--synthetic-retain", "0", "--max-steps", "20",
+                        "--test-subset", "300", "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    classes = [row for row in rows[1:11]]
+    assert len(classes) == 10 and sum(int(row[1]) for row in classes) == 4  # every forget image in its class row
+    assert rows[-2][0] == "| right -> wrong" and rows[-1][0] == "| all right before"
