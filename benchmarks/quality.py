@@ -29,6 +29,7 @@ from l2ul_cli.config import attack_preset, preset  # noqa: E402
 from l2ul_cli.datasets import FASHION_MNIST_CLASSES  # noqa: E402
 from l2ul_cli.evaluate import accuracy, predict  # noqa: E402
 from l2ul_cli.errors import NumericalError  # noqa: E402
+from l2ul_cli.precision import PRECISIONS  # noqa: E402
 from l2ul_cli.unlearn import objective_loss, unlearn  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=None)
     ap.add_argument("--eps", type=float, default=None, help="attack radius for every method (default: each method's)")
     ap.add_argument("--set", nargs="*", default=[], help="UnlearnConfig/AttackConfig overrides for every method, e.g. lr=1e-4")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="of the attack and stand-ins, as the CLI's")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto", help="of the attack and stand-ins, as the CLI's")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     global PRECISION

@@ -4,10 +4,10 @@ For ResNet-18 on Fashion-MNIST (the quality benchmark's model) and k forget imag
 seconds per phase, attack throughput (image-passes/s: k·N_adv·T forward+backward passes), the
 attack's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the device's
 measured matrix-multiply rate (in the attack's precision, ``--precision`` as the CLI's: bf16 on
-CUDA, fp32 on CPU by default; measured in the same run), the ratio to a reference-style loop written here (one adversarial copy at a
-time, fp32, separate forward passes, BatchNorm in train mode, the whole forget set evaluated
-after every step), and the wall time of training the model from scratch with the benchmark's
-recipe.
+CUDA, fp32 on CPU by default; measured in the same run), the ratio to a reference-style loop
+written here (one adversarial copy at a time, fp32, separate forward passes, BatchNorm in train
+mode, the whole forget set evaluated after every step), and the wall time of training the model
+from scratch with the benchmark's recipe.
 
     python benchmarks/speed.py                 # CUDA: k = 16, 128
     python benchmarks/speed.py --ks 16         # 2 CPU cores
@@ -30,7 +30,7 @@ from common import device_name, fmnist, fresh, split_settings, train_resnet18  #
 from l2ul_cli.attack import draw_targets, pgd_l2_targeted  # noqa: E402
 from l2ul_cli.config import AttackConfig, preset  # noqa: E402
 from l2ul_cli.importance import ImportancePenalty, mas_importance  # noqa: E402
-from l2ul_cli.precision import autocast_dtype  # noqa: E402
+from l2ul_cli.precision import PRECISIONS, autocast_dtype  # noqa: E402
 from l2ul_cli.unlearn import unlearn  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--attack-variants", nargs="*", choices=list(ATTACK_VARIANTS), default=[],
                     help="also time the attack this way (first k only), e.g. fp32 bf16 compile")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="of the attack and stand-ins, as the CLI's")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto", help="of the attack and stand-ins, as the CLI's")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     dev = torch.device(args.device)
