@@ -86,7 +86,7 @@ class RunConfig:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # of the attack and the stand-ins (precision.py)
+    precision: str = "auto"  # of the attack and the stand-ins: precision.PRECISIONS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ from .config import AttackConfig, Goal, UnlearnConfig
 from .errors import NumericalError
 from .importance import ImportancePenalty, mas_importance
 from .precision import Precision, describe
-from .precision import autocast_dtype as reduced_precision
+from .precision import autocast_dtype as reduced_precision  # the local name autocast_dtype is the result
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
 from .synthesis import has_batchnorm, invert_batchnorm

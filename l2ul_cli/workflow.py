@@ -23,6 +23,7 @@ from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
+from .precision import Precision
 from .projection import GradientProjector
 from .report import write_json
 from .unlearn import NullProgress, Progress, unlearn
@@ -141,7 +142,7 @@ def run_request(
     keep: Sequence[str | os.PathLike] = (),
     retain: Sequence[str | os.PathLike] = (),
     eval_images: str | os.PathLike | None = None,
-    precision: str = "auto",
+    precision: Precision = "auto",
     progress: Progress | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:

@@ -69,6 +69,6 @@ def test_collateral_script_smoke():
                         "--test-subset", "300", "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    classes = [row for row in rows[1:11]]
+    classes = rows[1:11]
     assert len(classes) == 10 and sum(int(row[1]) for row in classes) == 4  # every forget image in its class row
     assert rows[-2][0] == "| right -> wrong" and rows[-1][0] == "| all right before"
