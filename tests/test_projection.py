@@ -51,8 +51,9 @@ def test_projection_removes_the_retained_component_and_freezes_biases():
     proj = GradientProjector(net, _smooth(32, 3), energy=0.99)
     net(torch.rand(3, 1, 12, 12)).sum().backward()
     proj.project()
-    for layer, (m, complement) in proj.bases.items():
+    for layer, (support, m, complement) in proj.bases.items():
         g = layer.weight.grad.reshape(layer.weight.shape[0], -1)
+        g = g if support is None else g[:, support]
         # No part left in the retained directions (U itself, or what the complement V leaves out).
         residue = g - (g @ m) @ m.T if complement else g @ m
         assert residue.abs().max() < 1e-5
@@ -76,8 +77,8 @@ def test_complement_path_gives_the_same_projection():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 3)).eval()
     retained = torch.rand(64, 1, 12, 12)  # random patches: nearly all of the 9 directions kept
     proj = GradientProjector(net, retained, energy=0.999)
-    m, complement = proj.bases[net[0]]
-    assert complement and proj.kept[net[0]][0] > 4
+    support, m, complement = proj.bases[net[0]]
+    assert support is None and complement and proj.kept[net[0]][0] > 4
     net(torch.rand(2, 1, 12, 12)).sum().backward()
     g = net[0].weight.grad.reshape(4, -1).clone()
     proj.project()
@@ -86,6 +87,27 @@ def test_complement_path_gives_the_same_projection():
     u = q[:, m.shape[1]:]
     expected = g - (g @ u) @ u.T
     assert torch.allclose(net[0].weight.grad.reshape(4, -1), expected, atol=1e-5)
+
+
+def test_projection_on_the_support_equals_the_dense_one():
+    """A 3x3 convolution on a 1x1 map reads padding in 8 of 9 taps: the projection works on the
+    centre taps only, and gives what the full-size one gives; gradients elsewhere pass as they are."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(6, 5, 3, padding=1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    retained = torch.rand(40, 6, 1, 1)
+    proj = GradientProjector(net, retained, energy=0.9)
+    support, m, _ = proj.bases[net[0]]
+    assert support.tolist() == [4 + 9 * c for c in range(6)]  # the centre tap of each channel
+    cols = _columns(net[0], retained).double()
+    vals, vecs = torch.linalg.eigh(cols @ cols.T)
+    vals, vecs = vals.flip(0), vecs.flip(1)
+    r = int((vals.cumsum(0) / vals.sum() < 0.9).sum()) + 1
+    u = vecs[:, :r].float()
+    odd = torch.rand(2, 6, 3, 3)  # inputs with energy in every tap
+    net[0](odd).sum().backward()
+    g = net[0].weight.grad.reshape(5, -1).clone()
+    proj.project()
+    assert torch.allclose(net[0].weight.grad.reshape(5, -1), g - (g @ u) @ u.T, atol=1e-5)
 
 
 def test_explicit_lr_drives_projected_updates():
