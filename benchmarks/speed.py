@@ -30,7 +30,7 @@ from common import device_name, fmnist, fresh, split_settings, train_resnet18  #
 from l2ul_cli.attack import draw_targets, pgd_l2_targeted  # noqa: E402
 from l2ul_cli.config import AttackConfig, preset  # noqa: E402
 from l2ul_cli.importance import ImportancePenalty, mas_importance  # noqa: E402
-from l2ul_cli.precision import PRECISIONS, autocast_dtype  # noqa: E402
+from l2ul_cli.precision import PRECISIONS  # noqa: E402
 from l2ul_cli.unlearn import unlearn  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -164,8 +164,6 @@ def main() -> None:
 
     train_info = read_checkpoint(ckpt).meta.get("training", {})
     x_all, y_all = fmnist("train")
-    attack_dtype = autocast_dtype(dev, args.precision) or torch.float32
-    rate = matmul_rate(dev, attack_dtype)
     unl, att = split_settings(args.method, dict(kv.split("=", 1) for kv in args.set))
     attack = replace(AttackConfig(n_adv=args.n_adv, steps=args.attack_steps), **att)
     config = preset(args.method, max_steps=args.max_steps, **unl)
@@ -184,7 +182,7 @@ def main() -> None:
         passes = k * attack.n_adv * attack.steps
         row = {"k": k, "attack": r.seconds["attack"], "importance": r.seconds["importance"], "updates": r.seconds["updates"],
                "synthesis": r.seconds.get("synthesis", 0.0),
-               "total": total, "steps": r.steps, "goal": r.goal_met, "passes_s": passes / r.seconds["attack"],
+               "total": total, "steps": r.steps, "goal": r.goal_met, "precision": r.precision, "passes_s": passes / r.seconds["attack"],
                "tflops": flops * passes / r.seconds["attack"] / 1e12}
         if not args.no_reference:
             ref_model = fresh(ckpt, dev).model
@@ -193,11 +191,15 @@ def main() -> None:
             row["ref"] = ref
         rows.append(row)
         print(row, flush=True)
+    # The matrix rate in the precision the attack ran in (auto may have timed its choice).
+    ran = rows[-1]["precision"]
+    attack_dtype = torch.bfloat16 if ran.startswith("bfloat16") else torch.float32
+    rate = matmul_rate(dev, attack_dtype)
     retrain = train_info.get("seconds")
     lines = [f"## Speed · {device_name(dev)}", "",
              f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`. ResNet-18 on Fashion-MNIST 28×28, "
              f"{args.method} (batched path; the reference-style loop runs ADV+IMP's structure), N_adv={attack.n_adv}, T={attack.steps} PGD steps, update cap {config.max_steps}. Matrix-multiply rate "
-             f"measured in this run: {rate:.1f} TFLOP/s ({str(attack_dtype).removeprefix('torch.')}, the attack's precision here). Retraining from scratch "
+             f"measured in this run: {rate:.1f} TFLOP/s ({str(attack_dtype).removeprefix('torch.')}, the attack's precision here: {ran}). Retraining from scratch "
              f"with the benchmark recipe: {retrain:.0f} s ({train_info.get('epochs')} epochs, {train_info.get('device')})." if retrain else "",
              "", "| k | attack s | importance s | stand-ins s | updates s (steps) | total s | image-passes/s | attack TFLOP/s (% of matmul) | reference-style total s | speed-up | vs retraining |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

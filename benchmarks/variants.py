@@ -31,7 +31,7 @@ from l2ul_cli.datasets import load_fashion_mnist
 from l2ul_cli.errors import NumericalError
 from l2ul_cli.evaluate import accuracy, predict
 from l2ul_cli.models import load_model
-from l2ul_cli.precision import autocast_dtype
+from l2ul_cli.precision import choose
 from l2ul_cli.projection import GradientProjector
 from l2ul_cli.synthesis import invert_batchnorm
 from l2ul_cli.unlearn import unlearn
@@ -97,7 +97,7 @@ def main() -> None:
             if key not in stand_ins:
                 t0 = time.perf_counter()
                 stand_ins[key] = invert_batchnorm(model, key[0], tuple(xf.shape[1:]), 10, steps=key[1], seed=args.seed,
-                                                  autocast_dtype=autocast_dtype(dev, precision))
+                                                  autocast_dtype=choose(model, tuple(xf.shape[1:]), dev, precision)[0])
                 synth_s = time.perf_counter() - t0
             projector = GradientProjector(model, stand_ins[key], energy=cfg.retain_energy)
         attack = attack_preset(method, **{"n_adv": args.n_adv, "steps": args.attack_steps, **att})

@@ -21,8 +21,7 @@ from .attack import adversarial_set
 from .config import AttackConfig, Goal, UnlearnConfig
 from .errors import NumericalError
 from .importance import ImportancePenalty, mas_importance
-from .precision import Precision, describe
-from .precision import autocast_dtype as reduced_precision  # the local name autocast_dtype is the result
+from .precision import Precision, choose, describe
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
 from .synthesis import has_batchnorm, invert_batchnorm
@@ -152,7 +151,10 @@ def unlearn(
     torch.manual_seed(seed)
     seconds = {"attack": 0.0, "importance": 0.0}  # then "synthesis" when made, "updates"
     notes: list[str] = []
-    autocast_dtype = reduced_precision(device, precision)
+    # Only the attack and the stand-ins run in reduced precision: no need to time it without them.
+    reduced_used = (config.adv_loss != "none" and attack.n_adv > 0) or (
+        projector is None and config.synthetic_retain > 0 and has_batchnorm(model))
+    autocast_dtype, how = choose(model, tuple(images.shape[1:]), device, precision) if reduced_used else (None, None)
     model.eval()
 
     x_adv = t_adv = teacher = None
@@ -290,6 +292,6 @@ def unlearn(
         goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),
         lam_final=penalty.lam if penalty is not None else None,
         adv_attack_success=adv_success, notes=notes, loss_history=losses,
-        precision=describe(autocast_dtype, device),
+        precision=describe(autocast_dtype, device, how),
         projection=f"{projector.source}, energy {projector.energy}: {projector.summary()}" if projector is not None else None,
     )
