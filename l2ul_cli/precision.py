@@ -69,7 +69,7 @@ def choose(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
 
 
 def _pass_seconds(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, repeats: int = 3) -> float:
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own, as the attack keeps them
     model.eval()
     best = float("inf")
     try:
@@ -82,7 +82,8 @@ def _pass_seconds(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, 
             if i:
                 best = min(best, time.perf_counter() - t0)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return best
 
 

@@ -1,0 +1,61 @@
+"""Shifted copies as distillation anchors: where they come from, and what they do."""
+
+from __future__ import annotations
+
+import torch
+
+from l2ul_cli.config import AttackConfig, UnlearnConfig, preset
+from l2ul_cli.models import load_model
+from l2ul_cli.unlearn import shifted_copies, unlearn
+
+
+def test_shifted_copies_move_each_image_by_one_to_the_largest_shift():
+    x = torch.zeros(3, 1, 9, 9)
+    for i in range(3):
+        x[i, 0, 4, 4] = i + 1  # one bright pixel per image, told apart by its value
+    out = shifted_copies(x, 20, 2, torch.Generator().manual_seed(0))
+    assert out.shape == (60, 1, 9, 9)
+    seen = set()
+    for row, img in enumerate(out):
+        (y, xx), = (img[0] > 0).nonzero().tolist()
+        assert img[0, y, xx] == row // 20 + 1  # copies of one image stay together, in order
+        dy, dx = y - 4, xx - 4
+        assert 1 <= max(abs(dy), abs(dx)) <= 2
+        seen.add((dy, dx))
+    assert len(seen) > 8
+    # Larger shifts skip the small offsets that leave an image nearly as it was: at least half the largest.
+    big = torch.zeros(1, 1, 40, 40)
+    big[0, 0, 20, 20] = 1
+    for img in shifted_copies(big, 50, 8, torch.Generator().manual_seed(1)):
+        (y, xx), = (img[0] > 0).nonzero().tolist()
+        assert 4 <= max(abs(y - 20), abs(xx - 20)) <= 8
+
+
+def test_largest_shift_scales_with_the_image_side():
+    cfg = UnlearnConfig()
+    assert cfg.shift((1, 28, 28)) == 2 and cfg.shift((3, 224, 224)) == 16 and cfg.shift((1, 16, 16)) == 1
+    assert cfg.shift((3, 8, 300)) == 1  # the shorter side, at least 1
+    assert UnlearnConfig(shift_pixels=3).shift((1, 224, 224)) == 3
+    assert preset("l2ul").shift_copies == 8 and preset("adv+imp").shift_copies == 0
+
+
+def test_shifted_anchors_keep_the_model_on_shifted_copies(digits_checkpoint, digits):
+    """Forgetting digits with and without the anchors: both forget the exact images; with them the
+    model still knows more of the images' shifted copies (drawn apart, another seed)."""
+    u8, y = digits
+    x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
+    idx = torch.arange(1500, 1512)
+    xf, yf = x[idx], torch.tensor(y[idx])
+    probe = shifted_copies(xf, 6, 1, torch.Generator().manual_seed(99))
+    kept = {}
+    for copies in (0, 8):
+        model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
+        with torch.no_grad():
+            assert (model(xf).argmax(1) == yf).all()
+        cfg = preset("l2ul", synthetic_retain=0, shift_copies=copies)
+        r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
+                    seed=0, precision="fp32")
+        assert r.goal_met
+        with torch.no_grad():
+            kept[copies] = float((model(probe).argmax(1) == yf.repeat_interleave(6)).float().mean())
+    assert kept[8] >= 0.9 and kept[8] > kept[0] + 0.1, kept
