@@ -199,7 +199,7 @@ MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help=f"Step c
 BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during updates: eval (frozen) or train (reference code) [default: eval].")]
 ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="Override the method's objective: ce (paper) or margin (bounded).")]
 AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
-ShiftOpt = Annotated[Optional[int], typer.Option("--shift-copies", help="Copies of each image shifted by 1-2 pixels on which every update keeps the original model's outputs (with --adv-loss kd), so the change stays on the image instead of moving its class [default: 8 for l2ul, 0 for the paper's methods].")]
+ShiftOpt = Annotated[Optional[int], typer.Option("--shift-copies", help="Copies of each image shifted by 1-2 pixels (at 28x28; scaled with the image side) on which every update keeps the original model's outputs (with --adv-loss kd), so the change stays on the image instead of moving its class [default: 8 for l2ul, 0 for the paper's methods].")]
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
 RetainOpt = Annotated[Optional[List[Path]], typer.Option("--retain", help="Other images of the same domain (folder or CSV, labels not needed): updates are kept orthogonal to what the model's layers see on them, which keeps far more accuracy elsewhere; repeatable.")]
