@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU-sized: fewer epochs, k, attack steps and copies")
     ap.add_argument("--ks", type=int, nargs="*")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here (add seeds to an earlier run's draws)")
     ap.add_argument("--forget-methods", nargs="*", default=["neggrad", "adv", "adv+imp", "l2ul"])
     ap.add_argument("--relabel-methods", nargs="*", default=["correct", "adv", "adv+imp", "l2ul"])
     ap.add_argument("--experiments", nargs="*", default=["forget", "relabel", "continual", "oracle"])
@@ -230,11 +231,11 @@ def main() -> None:
         cells = {}
         for method in methods:
             for k in ks:
-                cells[(method, k)] = [run_cell(ckpt, ev, dev, goal, method, k, s, attack, overrides) for s in range(seeds)]
+                cells[(method, k)] = [run_cell(ckpt, ev, dev, goal, method, k, s, attack, overrides) for s in range(args.first_seed, args.first_seed + seeds)]
                 print(method, k, cells[(method, k)], flush=True)
         if "oracle" in args.experiments:
             for k in ks:
-                cells[("oracle (uses D_r)", k)] = [oracle_cell(ckpt, ev, dev, goal, k, s) for s in range(seeds)]
+                cells[("oracle (uses D_r)", k)] = [oracle_cell(ckpt, ev, dev, goal, k, s) for s in range(args.first_seed, args.first_seed + seeds)]
         t = table(f"{goal}: D_f = {'accuracy on the forget images (goal 0)' if goal == 'forget' else 'share predicted as the new label (goal 100)'}",
                   cells, ks, before, "")
         print(t)
