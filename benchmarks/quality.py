@@ -207,6 +207,7 @@ def main() -> None:
     epochs = args.epochs or (3 if quick else 15)
     ks = args.ks or ([4, 16] if quick else [4, 16, 64, 128])
     seeds = args.seeds or (1 if quick else 3)
+    seed_list = range(args.first_seed, args.first_seed + seeds)
     attack = {"n_adv": args.n_adv or (5 if quick else 20), "steps": args.attack_steps or (20 if quick else 100), "eps": args.eps}
     overrides, attack_set = split_settings("l2ul", dict(kv.split("=", 1) for kv in args.set))
     attack.update(attack_set)
@@ -231,11 +232,11 @@ def main() -> None:
         cells = {}
         for method in methods:
             for k in ks:
-                cells[(method, k)] = [run_cell(ckpt, ev, dev, goal, method, k, s, attack, overrides) for s in range(args.first_seed, args.first_seed + seeds)]
+                cells[(method, k)] = [run_cell(ckpt, ev, dev, goal, method, k, s, attack, overrides) for s in seed_list]
                 print(method, k, cells[(method, k)], flush=True)
         if "oracle" in args.experiments:
             for k in ks:
-                cells[("oracle (uses D_r)", k)] = [oracle_cell(ckpt, ev, dev, goal, k, s) for s in range(args.first_seed, args.first_seed + seeds)]
+                cells[("oracle (uses D_r)", k)] = [oracle_cell(ckpt, ev, dev, goal, k, s) for s in seed_list]
         t = table(f"{goal}: D_f = {'accuracy on the forget images (goal 0)' if goal == 'forget' else 'share predicted as the new label (goal 100)'}",
                   cells, ks, before, "")
         print(t)

@@ -3,8 +3,8 @@
 For ResNet-18 on Fashion-MNIST (the quality benchmark's model) and k forget images it measures
 seconds per phase, attack throughput (image-passes/s: k·N_adv·T forward+backward passes), the
 attack's achieved TFLOP/s (FLOPs counted with torch.utils.flop_counter) against the device's
-measured matrix-multiply rate (in the attack's precision, ``--precision`` as the CLI's: bf16 on
-CUDA, fp32 on CPU by default; measured in the same run), the ratio to a reference-style loop
+measured matrix-multiply rate (in the precision the attack ran in, ``--precision`` as the CLI's:
+by default bf16 on CUDA, and on a CPU whichever auto timed faster; measured in the same run), the ratio to a reference-style loop
 written here (one adversarial copy at a time, fp32, separate forward passes, BatchNorm in train
 mode, the whole forget set evaluated after every step), and the wall time of training the model
 from scratch with the benchmark's recipe.

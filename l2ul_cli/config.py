@@ -66,12 +66,6 @@ class UnlearnConfig:
     shift_copies: int = 0  # extra anchors per image: shifted copies (kd only)
     # Largest shift in pixels; None: 2 at 28x28, scaled with the shorter image side (16 at 224).
     shift_pixels: int | None = None
-
-    def shift(self, image_shape: tuple[int, ...]) -> int:
-        """The largest shift of the shifted copies for images of ``image_shape`` (C, H, W)."""
-        if self.shift_pixels is not None:
-            return int(self.shift_pixels)
-        return max(1, round(2 * min(int(image_shape[-2]), int(image_shape[-1])) / 28))
     adv_batch_size: int = 256  # adversarial rows per update step
     adapt_lambda: bool = True  # halve λ when progress stalls, so the goal is reached (relabel)
     stall_steps: int = 50
@@ -86,6 +80,12 @@ class UnlearnConfig:
     # requests, for about 25-40 % more update steps.
     retain_energy: float = 0.995
     projected_lr: float | None = None
+
+    def shift(self, image_shape: tuple[int, ...]) -> int:
+        """The largest shift of the shifted copies for images of ``image_shape`` (C, H, W)."""
+        if self.shift_pixels is not None:
+            return int(self.shift_pixels)
+        return max(1, round(2 * min(int(image_shape[-2]), int(image_shape[-1])) / 28))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ elsewhere on a CPU ``auto`` is fp32.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal, get_args
 
@@ -56,10 +57,7 @@ def choose(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
     if precision != "auto" or device.type != "cpu" or not cpu_has_native_bf16():
         return dtype, None
     if batch is None:
-        pixels = 1
-        for d in image_shape:
-            pixels *= int(d)
-        batch = max(8, min(128, round(128 * 784 / pixels)))
+        batch = max(8, min(128, round(128 * 784 / math.prod(image_shape))))
     x = torch.rand((batch, *image_shape), generator=torch.Generator().manual_seed(0)).to(device)
     fp32 = _pass_seconds(model, x, None)
     bf16 = _pass_seconds(model, x, torch.bfloat16)

@@ -181,15 +181,17 @@ def unlearn(
     torch.manual_seed(seed)
     seconds = {"attack": 0.0, "importance": 0.0}  # then "synthesis" when made, "updates"
     notes: list[str] = []
+    image_shape = tuple(images.shape[1:])
+    attacking = config.adv_loss != "none" and attack.n_adv > 0
+    wants_stand_ins = projector is None and config.synthetic_retain > 0
+    synthesising = wants_stand_ins and has_batchnorm(model)
     # Only the attack and the stand-ins run in reduced precision: no need to time it without them.
-    reduced_used = (config.adv_loss != "none" and attack.n_adv > 0) or (
-        projector is None and config.synthetic_retain > 0 and has_batchnorm(model))
-    autocast_dtype, how = choose(model, tuple(images.shape[1:]), device, precision) if reduced_used else (None, None)
+    autocast_dtype, how = choose(model, image_shape, device, precision) if attacking or synthesising else (None, None)
     model.eval()
 
     x_adv = t_adv = teacher = None
     adv_success = None
-    if config.adv_loss != "none" and attack.n_adv > 0:
+    if attacking:
         t0 = time.perf_counter()
         labels_for_attack = attack_labels if attack_labels is not None else targets
         x_adv, t_adv, _ = _attack_with_retry(model, images, labels_for_attack, num_classes, attack, generator, autocast_dtype, progress)
@@ -202,9 +204,9 @@ def unlearn(
         # images (benchmarks/RESULTS.md, "Shifted copies").
         anchors = []
         if config.noise_copies and config.adv_loss == "kd":
-            anchors.append(_noise_copies(images, config.noise_copies, attack.radius(tuple(images.shape[1:])) * config.noise_radius, generator))
+            anchors.append(_noise_copies(images, config.noise_copies, attack.radius(image_shape) * config.noise_radius, generator))
         if config.shift_copies and config.adv_loss == "kd":
-            anchors.append(shifted_copies(images, config.shift_copies, config.shift(tuple(images.shape[1:])), generator))
+            anchors.append(shifted_copies(images, config.shift_copies, config.shift(image_shape), generator))
         for x_more in anchors:
             t_more = _logits(model, x_more)
             x_adv, teacher, t_adv = torch.cat([x_adv, x_more]), torch.cat([teacher, t_more]), torch.cat([t_adv, t_more.argmax(1)])
@@ -219,20 +221,19 @@ def unlearn(
         penalty = ImportancePenalty(model, omega, config.lam)
         seconds["importance"] = time.perf_counter() - t0
 
-    if projector is None and config.synthetic_retain > 0:
-        if has_batchnorm(model):
-            t0 = time.perf_counter()
-            progress.start("synthesis", config.synthetic_steps * -(-config.synthetic_retain // SYNTH_BATCH), unit="steps")
-            stand_ins = invert_batchnorm(model, config.synthetic_retain, tuple(images.shape[1:]), num_classes,
-                                         steps=config.synthetic_steps, seed=seed, autocast_dtype=autocast_dtype,
-                                         progress=progress.advance)
-            progress.finish()
-            projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
-            projector.source = f"{config.synthetic_retain} stand-in images from BatchNorm statistics"
-            seconds["synthesis"] = time.perf_counter() - t0
-        else:
-            notes.append("the model has no BatchNorm statistics to make stand-in images from: updates were not "
-                         "projected (pass --retain images of the domain)")
+    if synthesising:
+        t0 = time.perf_counter()
+        progress.start("synthesis", config.synthetic_steps * -(-config.synthetic_retain // SYNTH_BATCH), unit="steps")
+        stand_ins = invert_batchnorm(model, config.synthetic_retain, image_shape, num_classes,
+                                     steps=config.synthetic_steps, seed=seed, autocast_dtype=autocast_dtype,
+                                     progress=progress.advance)
+        progress.finish()
+        projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
+        projector.source = f"{config.synthetic_retain} stand-in images from BatchNorm statistics"
+        seconds["synthesis"] = time.perf_counter() - t0
+    elif wants_stand_ins:
+        notes.append("the model has no BatchNorm statistics to make stand-in images from: updates were not "
+                     "projected (pass --retain images of the domain)")
 
     t0 = time.perf_counter()
     # Parameters the projection holds still need no gradient at all (restored afterwards).
