@@ -40,9 +40,10 @@ def test_quality_benchmark_smoke(tmp_path):
 
 @needs_fmnist
 def test_speed_benchmark_smoke(tmp_path):
-    out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3",
+    out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3", "--reference-copies", "3",
                "--set", "synthetic_retain=16", "synthetic_steps=3", "--attack-variants", "fp32", "bf16", tmp_path=tmp_path)
-    assert "image-passes/s" in out and "reference-style" in out and "stand-ins s" in out
+    assert "image-passes/s" in out and "reference-style" in out and "stand-ins s" in out and "D_test after" in out
+    assert "timed on its first 3 copies and scaled to all" in out
     assert "| eager fp32 |" in out and "| eager bf16 autocast |" in out
 
 
