@@ -218,3 +218,31 @@ def test_penalty_with_mas_importance_on_convnet():
     weights = {n: 1 - w for n, w in normalise(omega).items()}
     expected = 2.0 * sum(float((weights[n] * 0.01).sum()) for n, _ in net.named_parameters())
     assert penalty(net).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_add_gradient_matches_backpropagating_the_penalty():
+    """The fused gradient the update loop uses is the autograd one, and touches only tensors that
+    already have a gradient (frozen ones stay without; in the loop they never move)."""
+    net = _small_convnet().eval()
+    omega = mas_importance(net, torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(5)))
+    penalty = ImportancePenalty(net, omega, lam=1.5)
+    gen = torch.Generator().manual_seed(6)
+    frozen = next(n for n, _ in net.named_parameters())
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n != frozen:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    value = penalty(net)
+    assert value.item() > 0
+    value.backward()
+    expected = {n: p.grad.clone() for n, p in net.named_parameters()}
+    base = {n: torch.randn(p.shape, generator=gen) for n, p in net.named_parameters()}
+    for n, p in net.named_parameters():
+        p.grad = None if n == frozen else base[n].clone()
+    fused = penalty.add_gradient(net)
+    assert fused.item() == pytest.approx(value.item(), rel=1e-5)
+    for n, p in net.named_parameters():
+        if n == frozen:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, base[n] + expected[n], rtol=1e-5, atol=1e-6)
