@@ -93,8 +93,11 @@ class GradientProjector:
             r = min(int((share < energy).sum()) + 1, vals.numel())
             n = vecs.shape[0]
             complement = vecs.shape[1] == n and r > n // 2
-            m = (vecs[:, r:] if complement else vecs[:, :r]).float().contiguous()
-            self.bases[layer] = (None if full else support.to(m.device), m, complement)
+            m = (vecs[:, r:] if complement else vecs[:, :r]).float()
+            support = None if full else support.to(m.device)
+            if _channels_last(layer.weight):
+                support, m = _to_channels_last(layer.weight.shape, support, m)
+            self.bases[layer] = (support, m.contiguous(), complement)
             self.kept[layer] = (r, d)
 
     def project(self) -> None:
@@ -105,14 +108,18 @@ class GradientProjector:
             g = layer.weight.grad
             if g is None:
                 continue
-            flat = g.reshape(g.shape[0], -1)
-            sub = flat if support is None else flat[:, support]
-            sub = (sub @ m) @ m.T if complement else sub - (sub @ m) @ m.T
+            # A view of the gradient as (out, features) in its own memory order, so that nothing
+            # is copied: 3x3 kernels in channels_last would otherwise be copied out and back.
+            cl = _channels_last(layer.weight)
+            g = g.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            flat = (g.permute(0, 2, 3, 1) if cl else g).reshape(g.shape[0], -1)
             if support is None:
-                flat = sub
+                flat = (flat @ m) @ m.T if complement else flat - (flat @ m) @ m.T
+                g = flat.view(g.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2) if cl else flat.view(g.shape)
             else:
-                flat[:, support] = sub
-            layer.weight.grad = flat.reshape(g.shape).contiguous(memory_format=_format(g))
+                sub = flat[:, support]
+                flat[:, support] = (sub @ m) @ m.T if complement else sub - (sub @ m) @ m.T
+            layer.weight.grad = g
 
     def summary(self) -> str:
         r = sum(k for k, _ in self.kept.values())
@@ -159,5 +166,21 @@ def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     raise torch.linalg.LinAlgError("no eigendecomposition of the retained inputs' covariance")
 
 
-def _format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+def _channels_last(w: torch.Tensor) -> bool:
+    """A convolution weight stored channels_last with a kernel wider than 1x1, where the
+    (out, in·kh·kw) flattening of the features is not a view of memory but (out, kh·kw·in) is."""
+    return w.dim() == 4 and w.shape[2] * w.shape[3] > 1 and w.is_contiguous(memory_format=torch.channels_last) \
+        and not w.is_contiguous()
+
+
+def _to_channels_last(shape: torch.Size, support: torch.Tensor | None, m: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The basis (and support) re-indexed from unfold's (in, kh, kw) feature order to the
+    (kh, kw, in) order of a channels_last weight's memory."""
+    _, cin, kh, kw = shape
+    # position in the channels_last order of each feature in unfold's order
+    where = torch.arange(cin * kh * kw, device=m.device).view(kh, kw, cin).permute(2, 0, 1).reshape(-1)
+    if support is None:
+        return None, m[where.argsort()]
+    support = where[support]
+    order = support.argsort()  # gathers read memory in order
+    return support[order], m[order]

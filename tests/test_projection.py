@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -130,3 +133,27 @@ def test_explicit_lr_drives_projected_updates():
 
     assert moved() > 0  # the preset's projected lr moves the weights
     assert moved(lr=0.0) == 0.0  # an explicit lr of zero holds them, projection or not
+
+
+# 1x1 maps: the centre taps are the support; 2x2 at stride 2: four taps of each channel, which
+# the channels_last order interleaves differently; 4x4: all features.
+@pytest.mark.parametrize("map_size,stride", [(1, 1), (2, 2), (4, 1)])
+@pytest.mark.parametrize("energy", [0.5, 0.99])  # the retained basis or its complement
+def test_channels_last_weights_project_as_contiguous_ones(map_size, stride, energy):
+    """Channels_last 3x3 weights are projected in their own memory order (no copies); the result
+    is the contiguous model's, and the gradient keeps its layout."""
+    torch.manual_seed(1)
+    plain = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, stride=stride), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert cl[2].weight.is_contiguous(memory_format=torch.channels_last) and not cl[2].weight.is_contiguous()
+    retained = torch.rand(30, 4, map_size, map_size)
+    grads = []
+    for net in (plain, cl):
+        proj = GradientProjector(net, retained, energy=energy)
+        net(torch.rand(3, 4, 5, 5, generator=torch.Generator().manual_seed(2))).sum().backward()
+        proj.project()
+        grads.append([net[i].weight.grad for i in (0, 2)])
+    for g_plain, g_cl in zip(*grads):
+        assert g_cl.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(g_cl, g_plain, rtol=1e-4, atol=1e-5)
