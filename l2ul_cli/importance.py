@@ -8,6 +8,7 @@ for models that ``vmap`` cannot trace. The model is measured in eval mode.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -48,7 +49,11 @@ def mas_importance(
         for start in range(0, images.shape[0], chunk_size):
             x = images[start:start + chunk_size]
             try:
-                grads = per_sample(params, x)
+                with warnings.catch_warnings():
+                    # torch 2.11 on CUDA warns that adaptive pooling has no batching rule yet (a
+                    # slower fallback, the same result): nothing a user of this tool can act on.
+                    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+                    grads = per_sample(params, x)
                 for n, g in grads.items():
                     total[n] += g.abs().sum(0)
             except (RuntimeError, NotImplementedError):
