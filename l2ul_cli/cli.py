@@ -200,6 +200,7 @@ BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during 
 ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="Override the method's objective: ce (paper) or margin (bounded).")]
 AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
 ShiftOpt = Annotated[Optional[int], typer.Option("--shift-copies", help="Copies of each image shifted by 1-2 pixels (at 28x28; scaled with the image side) on which every update keeps the original model's outputs (with --adv-loss kd), so the change stays on the image instead of moving its class [default: 8 for l2ul, 0 for the paper's methods].")]
+MixOpt = Annotated[Optional[int], typer.Option("--mix-copies", help="Blends of each image with another image of the same class on which every update keeps the original model's outputs (with --adv-loss kd), so the class keeps its place where several of its images move [default: 8 for l2ul, 0 for the paper's methods].")]
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
 RetainOpt = Annotated[Optional[List[Path]], typer.Option("--retain", help="Other images of the same domain (folder or CSV, labels not needed): updates are kept orthogonal to what the model's layers see on them, which keeps far more accuracy elsewhere; repeatable.")]
@@ -237,7 +238,8 @@ def _request(goal: str, params: dict[str, Any]) -> None:
                 attack_overrides={"n_adv": p["n_adv"], "eps": p["eps"], "steps": p["attack_steps"],
                                   "step_size": p["attack_step_size"], "per_copy_targets": p["per_copy_targets"]},
                 unlearn_overrides={k: p[k] for k in ("lr", "lam", "max_steps", "bn", "objective", "adv_loss",
-                                                      "retain_energy", "synthetic_retain", "shift_copies")},
+                                                      "retain_energy", "synthetic_retain", "shift_copies",
+                                                      "mix_copies")},
                 request_id=p["request_id"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
                 record_paths=p["record_paths"], precision=p["precision"], progress=progress, options=options,
             )
@@ -316,6 +318,7 @@ def forget(
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
     shift_copies: ShiftOpt = None,
+    mix_copies: MixOpt = None,
     request_id: RequestOpt = None,
     keep: KeepOpt = None,
     retain: RetainOpt = None,
@@ -362,6 +365,7 @@ def relabel(
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
     shift_copies: ShiftOpt = None,
+    mix_copies: MixOpt = None,
     request_id: RequestOpt = None,
     keep: KeepOpt = None,
     retain: RetainOpt = None,

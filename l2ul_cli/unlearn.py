@@ -124,6 +124,22 @@ def shifted_copies(images: torch.Tensor, copies: int, pixels: int, generator: to
     return torch.stack(out)
 
 
+def class_blends(images: torch.Tensor, labels: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor | None:
+    """``copies`` blends of each image with another image of the same class (weights 0.3-0.7):
+    images of that class which are not the forget images, so the class keeps its place."""
+    rows = []
+    lab = labels.cpu()
+    for i in range(images.shape[0]):
+        mates = (lab == lab[i]).nonzero().flatten()
+        mates = mates[mates != i]
+        if mates.numel() == 0:
+            continue
+        pick = mates[torch.randint(0, mates.numel(), (copies,), generator=generator)]
+        w = (0.3 + 0.4 * torch.rand(copies, generator=generator)).view(-1, 1, 1, 1).to(images.device)
+        rows.append(w * images[i] + (1 - w) * images[pick.to(images.device)])
+    return torch.cat(rows) if rows else None
+
+
 def _set_bn_train(model: nn.Module, bn: str) -> None:
     model.train(bn == "train")
 
@@ -207,6 +223,10 @@ def unlearn(
             anchors.append(_noise_copies(images, config.noise_copies, attack.radius(image_shape) * config.noise_radius, generator))
         if config.shift_copies and config.adv_loss == "kd":
             anchors.append(shifted_copies(images, config.shift_copies, config.shift(image_shape), generator))
+        if config.mix_copies and config.adv_loss == "kd":
+            mixes = class_blends(images, labels_for_attack, config.mix_copies, generator)
+            if mixes is not None:
+                anchors.append(mixes)
         for x_more in anchors:
             t_more = _logits(model, x_more)
             x_adv, teacher, t_adv = torch.cat([x_adv, x_more]), torch.cat([teacher, t_more]), torch.cat([t_adv, t_more.argmax(1)])

@@ -198,6 +198,21 @@ def test_shift_copies_option_reaches_the_updates(digits_checkpoint, forget_dir, 
     assert any(not torch.equal(outs["0"][k], outs["8"][k]) for k in outs["0"])
 
 
+def test_mix_copies_option_reaches_the_updates(digits_checkpoint, forget_dir, tmp_path):
+    """Two of the eight forget digits are 4s, so there are blends to distil."""
+    from l2ul_cli.checkpoint import read_checkpoint
+
+    outs = {}
+    for copies in ("0", "8"):
+        out, rep = tmp_path / f"o-{copies}.safetensors", tmp_path / f"r-{copies}.json"
+        r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep,
+                "--mix-copies", copies, *FAST, "--precision", "fp32")
+        assert r.exit_code == 0, r.output
+        assert json.loads(rep.read_text())["options"]["mix_copies"] == int(copies)
+        outs[copies] = read_checkpoint(out).state_dict
+    assert any(not torch.equal(outs["0"][k], outs["8"][k]) for k in outs["0"])
+
+
 def test_pickle_checkpoint_with_prefixes_and_index_folders(digits_checkpoint, digits, tmp_path):
     from conftest import write_pngs
     from l2ul_cli.checkpoint import read_checkpoint

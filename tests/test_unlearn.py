@@ -6,7 +6,7 @@ import torch
 
 from l2ul_cli.config import AttackConfig, UnlearnConfig, preset
 from l2ul_cli.models import load_model
-from l2ul_cli.unlearn import shifted_copies, unlearn
+from l2ul_cli.unlearn import class_blends, shifted_copies, unlearn
 
 
 def test_shifted_copies_move_each_image_by_one_to_the_largest_shift():
@@ -37,6 +37,7 @@ def test_largest_shift_scales_with_the_image_side():
     assert cfg.shift((3, 8, 300)) == 1  # the shorter side, at least 1
     assert UnlearnConfig(shift_pixels=3).shift((1, 224, 224)) == 3
     assert preset("l2ul").shift_copies == 8 and preset("adv+imp").shift_copies == 0
+    assert preset("l2ul").mix_copies == 8 and preset("adv+imp").mix_copies == 0
 
 
 def test_shifted_anchors_keep_the_model_on_shifted_copies(digits_checkpoint, digits):
@@ -59,3 +60,37 @@ def test_shifted_anchors_keep_the_model_on_shifted_copies(digits_checkpoint, dig
         with torch.no_grad():
             kept[copies] = float((model(probe).argmax(1) == yf.repeat_interleave(6)).float().mean())
     assert kept[8] >= 0.9 and kept[8] > kept[0] + 0.1, kept
+
+
+def test_class_blends_mix_each_image_with_a_classmate():
+    x = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 1, 2, 2).contiguous()
+    labels = torch.tensor([0, 0, 1, 2, 2])  # image 2 has no classmate
+    out = class_blends(x, labels, 3, torch.Generator().manual_seed(0))
+    assert out.shape == (12, 1, 2, 2)
+    values = out[:, 0, 0, 0].view(4, 3)
+    # image 0 blends with 1, image 1 with 0, images 3 and 4 with each other: weights 0.3-0.7
+    for row, (own, mate) in zip(values, [(0, 1), (1, 0), (3, 4), (4, 3)]):
+        w = (row - mate) / (own - mate)
+        assert ((w >= 0.3 - 1e-6) & (w <= 0.7 + 1e-6)).all(), row
+    assert class_blends(x[:1], labels[:1], 3, torch.Generator()) is None
+
+
+def test_blend_anchors_keep_the_class_of_other_blends(digits_checkpoint, digits):
+    """With blend anchors, blends of the forget images drawn apart (another seed) keep their
+    class more often: what the anchors are for."""
+    u8, y = digits
+    x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
+    idx = torch.arange(1500, 1530)
+    xf, yf = x[idx], torch.tensor(y[idx])
+    probe = class_blends(xf, yf, 4, torch.Generator().manual_seed(99))
+    probe_y = torch.cat([yf[i].repeat(4) for i in range(len(yf)) if (yf == yf[i]).sum() > 1])
+    kept = {}
+    for copies in (0, 8):
+        model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
+        cfg = preset("l2ul", synthetic_retain=0, mix_copies=copies)
+        r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
+                    seed=0, precision="fp32")
+        assert r.goal_met
+        with torch.no_grad():
+            kept[copies] = float((model(probe).argmax(1) == probe_y).float().mean())
+    assert kept[8] > kept[0] + 0.1, kept
