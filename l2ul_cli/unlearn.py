@@ -217,7 +217,8 @@ def unlearn(
         # the class of most of them, and keeping it while the image itself moves keeps the change
         # on the image. Random-direction copies farther out than the attack reaches; copies
         # shifted by a pixel or two, which at k = 64 stopped a class from following its forget
-        # images (benchmarks/RESULTS.md, "Shifted copies").
+        # images (benchmarks/RESULTS.md, "Shifted copies"); blends of two images of one class,
+        # images of that class which are not forget images ("Blends").
         anchors = []
         if config.noise_copies and config.adv_loss == "kd":
             anchors.append(_noise_copies(images, config.noise_copies, attack.radius(image_shape) * config.noise_radius, generator))
