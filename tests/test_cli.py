@@ -184,31 +184,19 @@ def test_precision_option_reaches_the_attack(digits_checkpoint, forget_dir, tmp_
     assert not same(outs["bf16"][1], outs["fp32"][1])  # the precision reaches the attack
 
 
-def test_shift_copies_option_reaches_the_updates(digits_checkpoint, forget_dir, tmp_path):
+# Two of the eight forget digits are 4s, so there are blends to distil as well as shifted copies.
+@pytest.mark.parametrize("option", ["--shift-copies", "--mix-copies"])
+def test_anchor_copy_options_reach_the_updates(option, digits_checkpoint, forget_dir, tmp_path):
     from l2ul_cli.checkpoint import read_checkpoint
 
+    key = option.removeprefix("--").replace("-", "_")
     outs = {}
     for copies in ("0", "8"):
         out, rep = tmp_path / f"o-{copies}.safetensors", tmp_path / f"r-{copies}.json"
         r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep,
-                "--shift-copies", copies, *FAST, "--precision", "fp32")
+                option, copies, *FAST, "--precision", "fp32")
         assert r.exit_code == 0, r.output
-        assert json.loads(rep.read_text())["options"]["shift_copies"] == int(copies)
-        outs[copies] = read_checkpoint(out).state_dict
-    assert any(not torch.equal(outs["0"][k], outs["8"][k]) for k in outs["0"])
-
-
-def test_mix_copies_option_reaches_the_updates(digits_checkpoint, forget_dir, tmp_path):
-    """Two of the eight forget digits are 4s, so there are blends to distil."""
-    from l2ul_cli.checkpoint import read_checkpoint
-
-    outs = {}
-    for copies in ("0", "8"):
-        out, rep = tmp_path / f"o-{copies}.safetensors", tmp_path / f"r-{copies}.json"
-        r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep,
-                "--mix-copies", copies, *FAST, "--precision", "fp32")
-        assert r.exit_code == 0, r.output
-        assert json.loads(rep.read_text())["options"]["mix_copies"] == int(copies)
+        assert json.loads(rep.read_text())["options"][key] == int(copies)
         outs[copies] = read_checkpoint(out).state_dict
     assert any(not torch.equal(outs["0"][k], outs["8"][k]) for k in outs["0"])
 
