@@ -220,17 +220,19 @@ def unlearn(
         # images (benchmarks/RESULTS.md, "Shifted copies"); blends of two images of one class,
         # images of that class which are not forget images ("Blends").
         anchors = []
-        if config.noise_copies and config.adv_loss == "kd":
-            anchors.append(_noise_copies(images, config.noise_copies, attack.radius(image_shape) * config.noise_radius, generator))
-        if config.shift_copies and config.adv_loss == "kd":
-            anchors.append(shifted_copies(images, config.shift_copies, config.shift(image_shape), generator))
-        if config.mix_copies and config.adv_loss == "kd":
-            mixes = class_blends(images, labels_for_attack, config.mix_copies, generator)
-            if mixes is not None:
-                anchors.append(mixes)
-        for x_more in anchors:
-            t_more = _logits(model, x_more)
-            x_adv, teacher, t_adv = torch.cat([x_adv, x_more]), torch.cat([teacher, t_more]), torch.cat([t_adv, t_more.argmax(1)])
+        if config.adv_loss == "kd":
+            if config.noise_copies:
+                anchors.append(_noise_copies(images, config.noise_copies, attack.radius(image_shape) * config.noise_radius, generator))
+            if config.shift_copies:
+                anchors.append(shifted_copies(images, config.shift_copies, config.shift(image_shape), generator))
+            if config.mix_copies:
+                mixes = class_blends(images, labels_for_attack, config.mix_copies, generator)
+                if mixes is not None:
+                    anchors.append(mixes)
+        if anchors:
+            t_more = [_logits(model, x_more) for x_more in anchors]
+            x_adv, teacher = torch.cat([x_adv, *anchors]), torch.cat([teacher, *t_more])
+            t_adv = torch.cat([t_adv, *(t.argmax(1) for t in t_more)])
         seconds["attack"] = time.perf_counter() - t0
 
     penalty = None
