@@ -59,8 +59,10 @@ def invert_batchnorm(
     def hook(module, inputs, _output):
         x = inputs[0].float()
         dims = [0] + list(range(2, x.dim()))
-        mean, var = x.mean(dims), x.var(dims, unbiased=False)
-        distances.append((mean - module.running_mean).norm() + (var - module.running_var).norm())
+        # Two plain reductions: Tensor.var (Welford) took a quarter of each step on a CPU.
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().sum(dims) / (x.numel() // x.shape[1])
+        distances.append((mean.flatten() - module.running_mean).norm() + (var - module.running_var).norm())
 
     handles = [m.register_forward_hook(hook) for m in bns]
     model.eval()
