@@ -98,10 +98,10 @@ def main() -> None:
         if real:
             projector = GradientProjector(model, xr, energy=cfg.retain_energy)
         elif cfg.synthetic_retain > 0:
-            key = (cfg.synthetic_retain, cfg.synthetic_steps, precision)
+            key = (cfg.synthetic_retain, cfg.synthetic_steps, cfg.synthetic_lr, precision)
             if key not in stand_ins:
                 t0 = time.perf_counter()
-                stand_ins[key] = invert_batchnorm(model, key[0], tuple(xf.shape[1:]), 10, steps=key[1], seed=args.seed,
+                stand_ins[key] = invert_batchnorm(model, key[0], tuple(xf.shape[1:]), 10, steps=key[1], lr=key[2], seed=args.seed,
                                                   autocast_dtype=choose(model, tuple(xf.shape[1:]), dev, precision)[0])
                 synth_s = time.perf_counter() - t0
             projector = GradientProjector(model, stand_ins[key], energy=cfg.retain_energy)

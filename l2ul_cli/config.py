@@ -78,6 +78,7 @@ class UnlearnConfig:
     # the learning rate then (None: lr), as projected gradients are much smaller.
     synthetic_retain: int = 0
     synthetic_steps: int = 200
+    synthetic_lr: float = 0.1  # Adam's step on the stand-ins' pixel logits
     # 0.995 since 2026-11-25 (benchmarks/RESULTS.md): against 0.97 it kept 0.4-1.2 more points of
     # test accuracy at k = 4 and 16 (forget and relabel, 2 seeds) and 2 more after four continual
     # requests, for about 25-40 % more update steps.

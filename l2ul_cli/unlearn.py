@@ -248,7 +248,8 @@ def unlearn(
         t0 = time.perf_counter()
         progress.start("synthesis", config.synthetic_steps * -(-config.synthetic_retain // SYNTH_BATCH), unit="steps")
         stand_ins = invert_batchnorm(model, config.synthetic_retain, image_shape, num_classes,
-                                     steps=config.synthetic_steps, seed=seed, autocast_dtype=autocast_dtype,
+                                     steps=config.synthetic_steps, lr=config.synthetic_lr, seed=seed,
+                                     autocast_dtype=autocast_dtype,
                                      progress=progress.advance)
         progress.finish()
         projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
