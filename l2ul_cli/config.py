@@ -132,7 +132,9 @@ METHODS: dict[str, dict[str, Any]] = {
              "shift_copies": 8,
              # 8 blends of each image with another image of its class, distilled likewise
              # (2026-11-26, RESULTS.md "Blends"): at k = 64 forget kept 86.9 % on average over 3
-             # seeds instead of 86.1 (each seed as well or better), relabel 86.8 instead of 86.6.
+             # seeds instead of 86.1 (each seed as well or better), relabel 86.8 instead of 86.6;
+             # in the continual stream of 16 requests of 8, 81.3 % after the last instead of 77.4
+             # (one draw, "Continual to 128 with the blends"). 16 blends: no better (2026-11-26).
              "mix_copies": 8},
 }
 # Attack settings that belong to a method (AttackConfig fields). Empty for now: ε 0.5 with noise
