@@ -40,25 +40,35 @@ def test_largest_shift_scales_with_the_image_side():
     assert preset("l2ul").mix_copies == 8 and preset("adv+imp").mix_copies == 0
 
 
-def test_shifted_anchors_keep_the_model_on_shifted_copies(digits_checkpoint, digits):
-    """Forgetting digits with and without the anchors: both forget the exact images; with them the
-    model still knows more of the images' shifted copies (drawn apart, another seed)."""
+def _digits(digits, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     u8, y = digits
     x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
-    idx = torch.arange(1500, 1512)
-    xf, yf = x[idx], torch.tensor(y[idx])
-    probe = shifted_copies(xf, 6, 1, torch.Generator().manual_seed(99))
+    return x[start:stop], torch.tensor(y[start:stop])
+
+
+def _kept_on_probe(checkpoint, xf, yf, probe, probe_y, field: str) -> dict[int, float]:
+    """Forget ``xf`` with 0 and with 8 anchors of one kind (``field``); each time the goal must
+    be met, and the share of ``probe`` still classified as ``probe_y`` is returned."""
     kept = {}
     for copies in (0, 8):
-        model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
-        with torch.no_grad():
-            assert (model(xf).argmax(1) == yf).all()
-        cfg = preset("l2ul", synthetic_retain=0, shift_copies=copies)
+        model = load_model(checkpoint, None, device=torch.device("cpu")).model
+        cfg = preset("l2ul", synthetic_retain=0, **{field: copies})
         r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
                     seed=0, precision="fp32")
         assert r.goal_met
         with torch.no_grad():
-            kept[copies] = float((model(probe).argmax(1) == yf.repeat_interleave(6)).float().mean())
+            kept[copies] = float((model(probe).argmax(1) == probe_y).float().mean())
+    return kept
+
+
+def test_shifted_anchors_keep_the_model_on_shifted_copies(digits_checkpoint, digits):
+    """Forgetting digits with and without the anchors: both forget the exact images; with them the
+    model still knows more of the images' shifted copies (drawn apart, another seed)."""
+    xf, yf = _digits(digits, 1500, 1512)
+    with torch.no_grad():
+        assert (load_model(digits_checkpoint, None, device=torch.device("cpu")).model(xf).argmax(1) == yf).all()
+    probe = shifted_copies(xf, 6, 1, torch.Generator().manual_seed(99))
+    kept = _kept_on_probe(digits_checkpoint, xf, yf, probe, yf.repeat_interleave(6), "shift_copies")
     assert kept[8] >= 0.9 and kept[8] > kept[0] + 0.1, kept
 
 
@@ -78,19 +88,8 @@ def test_class_blends_mix_each_image_with_a_classmate():
 def test_blend_anchors_keep_the_class_of_other_blends(digits_checkpoint, digits):
     """With blend anchors, blends of the forget images drawn apart (another seed) keep their
     class more often: what the anchors are for."""
-    u8, y = digits
-    x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
-    idx = torch.arange(1500, 1530)
-    xf, yf = x[idx], torch.tensor(y[idx])
+    xf, yf = _digits(digits, 1500, 1530)
     probe = class_blends(xf, yf, 4, torch.Generator().manual_seed(99))
     probe_y = torch.cat([yf[i].repeat(4) for i in range(len(yf)) if (yf == yf[i]).sum() > 1])
-    kept = {}
-    for copies in (0, 8):
-        model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
-        cfg = preset("l2ul", synthetic_retain=0, mix_copies=copies)
-        r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
-                    seed=0, precision="fp32")
-        assert r.goal_met
-        with torch.no_grad():
-            kept[copies] = float((model(probe).argmax(1) == probe_y).float().mean())
+    kept = _kept_on_probe(digits_checkpoint, xf, yf, probe, probe_y, "mix_copies")
     assert kept[8] > kept[0] + 0.1, kept
