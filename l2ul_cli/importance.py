@@ -88,8 +88,8 @@ class ImportancePenalty:
         norm = normalise(importance)
         self.lam = lam
         self.weight = {n: (1.0 - w).detach() for n, w in norm.items()}
-        self.sqrt_weight = {n: w.sqrt() for n, w in self.weight.items()}
         self.anchor = {n: p.detach().clone() for n, p in _trainable(model).items() if n in self.weight}
+        self._diff: dict[str, torch.Tensor] = {}  # θ − θ̃ of add_gradient
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         terms = [
@@ -100,18 +100,17 @@ class ImportancePenalty:
         return self.lam * torch.stack(terms).sum()
 
     @torch.no_grad()
-    def add_gradient(self, model: nn.Module) -> torch.Tensor:
-        """Add the penalty's gradient, 2λ(1 − Ω̂)(θ − θ̃), to every ``.grad`` already there and
-        return its value over those tensors (the others are held still, so add nothing): what
-        backpropagating ``self(model)`` does, in a few fused (foreach) kernels instead of several
-        per tensor, which were most of an update step's kernel launches on a GPU."""
+    def add_gradient(self, model: nn.Module) -> None:
+        """Add the penalty's gradient, 2λ(1 − Ω̂)(θ − θ̃), to every ``.grad`` already there (the
+        others are held still, so add nothing): what backpropagating ``self(model)`` does, in a
+        few fused (foreach) kernels instead of several per tensor, which were most of an update
+        step's kernel launches on a GPU. θ − θ̃ goes to buffers kept from step to step: a fresh
+        allocation of the size of the model each step took half of this on a CPU. The value is
+        not computed (see ``__call__``)."""
         live = [(n, p) for n, p in model.named_parameters() if n in self.weight and p.grad is not None]
         if not live:
-            return torch.zeros(())
-        # √w (θ − θ̃): its squared norms sum to the value, and √w times it is the gradient's w (θ − θ̃).
-        scaled = torch._foreach_sub([p.detach() for _, p in live], [self.anchor[n] for n, _ in live])
-        roots = [self.sqrt_weight[n] for n, _ in live]
-        torch._foreach_mul_(scaled, roots)
-        value = torch.stack(torch._foreach_norm(scaled)).pow(2).sum() * self.lam
-        torch._foreach_addcmul_([p.grad for _, p in live], scaled, roots, value=2.0 * self.lam)
-        return value
+            return
+        diffs = [self._diff.setdefault(n, torch.empty_like(p)) for n, p in live]
+        torch._foreach_copy_(diffs, [p.detach() for _, p in live])
+        torch._foreach_sub_(diffs, [self.anchor[n] for n, _ in live])
+        torch._foreach_addcmul_([p.grad for _, p in live], diffs, [self.weight[n] for n, _ in live], value=2.0 * self.lam)

@@ -56,7 +56,7 @@ class UnlearnResult:
     adv_attack_success: float | None = None  # fraction of copies the original model puts in their target class
     notes: list[str] = field(default_factory=list)
     projection: str | None = None  # what the updates were kept orthogonal to, if anything
-    loss_history: list[float] = field(default_factory=list)
+    loss_history: list[float] = field(default_factory=list)  # per step, without the importance penalty
     precision: str = "fp32"  # what the attack and the stand-ins ran in
 
 
@@ -315,7 +315,7 @@ def unlearn(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if penalty is not None:  # its gradient added directly: the same as through autograd, fewer kernels
-                loss = loss.detach() + penalty.add_gradient(model)
+                penalty.add_gradient(model)
             if projector is not None:
                 projector.project()
             opt.step()
