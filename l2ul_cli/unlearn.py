@@ -276,6 +276,8 @@ def unlearn(
     best_met, since_best = -1, 0
     goal_met = False
     steps = 0
+    polished = 0  # steps taken since the goal first held
+    best: list[torch.Tensor] | None = None  # the latest weights at which it held, while polishing
     losses: list[float] = []
     progress.start("updates", config.max_steps, unit="steps")
     try:
@@ -300,8 +302,22 @@ def unlearn(
             n_met = int(met.sum())
             if n_met == images.shape[0]:
                 goal_met = True
-                break
+                if polished >= config.polish_steps:
+                    break
+                # Polishing: the goal holds here; remember these weights in case it does not
+                # hold again before max_steps.
+                if best is None:
+                    best = [p.detach().clone() for p in params]
+                else:
+                    for b, p in zip(best, params):
+                        b.copy_(p.detach())
+            if goal_met:
+                polished += 1
             if steps >= config.max_steps:
+                if best is not None and n_met < images.shape[0]:
+                    with torch.no_grad():
+                        for b, p in zip(best, params):
+                            p.copy_(b)
                 break
             if config.bn == "train":
                 model.train()
@@ -328,7 +344,7 @@ def unlearn(
                 best_met, since_best = n_met, 0
             else:
                 since_best += 1
-            if penalty is not None and config.adapt_lambda and since_best >= config.stall_steps:
+            if penalty is not None and config.adapt_lambda and since_best >= config.stall_steps and not goal_met:
                 penalty.lam /= 2
                 since_best = 0
                 notes.append(f"step {steps}: no progress for {config.stall_steps} steps, λ halved to {penalty.lam:g}")

@@ -93,3 +93,42 @@ def test_blend_anchors_keep_the_class_of_other_blends(digits_checkpoint, digits)
     probe_y = torch.cat([yf[i].repeat(4) for i in range(len(yf)) if (yf == yf[i]).sum() > 1])
     kept = _kept_on_probe(digits_checkpoint, xf, yf, probe, probe_y, "mix_copies")
     assert kept[8] > kept[0] + 0.1, kept
+
+
+def _forget_digits(checkpoint, xf, yf, **over):
+    model = load_model(checkpoint, None, device=torch.device("cpu")).model
+    cfg = preset("l2ul", synthetic_retain=0, shift_copies=0, mix_copies=0, **over)
+    r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
+                seed=0, precision="fp32")
+    return model, r
+
+
+def test_polishing_goes_on_past_the_goal_and_pulls_back_towards_the_original(digits_checkpoint, digits):
+    """After the goal first holds, polish_steps more steps in which only the anchors and the
+    penalty pull: the goal still holds at the end, and the model's outputs on the adversarial
+    copies' neighbourhood (shifted copies of the forget images) are closer to the original's."""
+    xf, yf = _digits(digits, 1500, 1512)
+    probe = shifted_copies(xf, 6, 1, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        before = torch.log_softmax(load_model(digits_checkpoint, None, device=torch.device("cpu")).model(probe), 1)
+    kl, steps = {}, {}
+    for polish in (0, 150):
+        model, r = _forget_digits(digits_checkpoint, xf, yf, polish_steps=polish)
+        assert r.goal_met
+        steps[polish] = r.steps
+        with torch.no_grad():
+            after = torch.log_softmax(model(probe), 1)
+        kl[polish] = float(torch.nn.functional.kl_div(after, before, log_target=True, reduction="batchmean"))
+    assert steps[150] >= steps[0] + 150
+    assert kl[150] < kl[0], kl
+
+
+def test_polishing_cut_short_by_max_steps_keeps_weights_where_the_goal_held(digits_checkpoint, digits):
+    """However max_steps ends the polishing, the weights returned meet the goal."""
+    xf, yf = _digits(digits, 1500, 1512)
+    _, first = _forget_digits(digits_checkpoint, xf, yf)
+    for extra in (1, 2, 3, 5, 8, 13):
+        model, r = _forget_digits(digits_checkpoint, xf, yf, polish_steps=10_000, max_steps=first.steps + extra)
+        assert r.steps == first.steps + extra and r.goal_met, extra
+        with torch.no_grad():
+            assert (model(xf).argmax(1) != yf).all()
