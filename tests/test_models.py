@@ -12,12 +12,14 @@ from l2ul_cli.errors import CheckpointError, UsageError
 from l2ul_cli.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    CentreTapConv2d,
     PixelClassifier,
     Preprocessing,
     build_network,
     infer_shapes,
     load_model,
     resolve_preprocessing,
+    use_centre_taps,
 )
 
 
@@ -243,6 +245,56 @@ def test_pixel_classifier_double_input():
     y = model(x)
     assert y.dtype == torch.float64
     assert torch.allclose(y, (x - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize("kernel,stride,groups", [(3, 1, 1), (3, 2, 1), (5, 1, 1), (3, 1, 4), ((3, 5), 1, 2)])
+def test_centre_tap_convolution_is_the_full_one(kernel, stride, groups):
+    """On 1x1 maps (and on larger ones, where it falls back) the centre-tap convolution gives the
+    full convolution's output, input gradient and weight gradient (zero off the centre)."""
+    torch.manual_seed(0)
+    k = (kernel, kernel) if isinstance(kernel, int) else kernel
+    full = nn.Conv2d(8, 12, k, stride=stride, padding=(k[0] // 2, k[1] // 2), groups=groups)
+    centre = nn.Conv2d(8, 12, k, stride=stride, padding=(k[0] // 2, k[1] // 2), groups=groups)
+    centre.load_state_dict(full.state_dict())
+    assert use_centre_taps(centre) == 1 and type(centre) is CentreTapConv2d
+    for size in (1, 5):
+        x = torch.randn(3, 8, size, size, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        y, y2 = full(x), centre(x2)
+        torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-6)
+        w = torch.randn(y.shape)
+        (y * w).sum().backward()
+        (y2 * w).sum().backward()
+        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(centre.weight.grad, full.weight.grad, rtol=1e-5, atol=1e-6)
+        if size == 1:
+            off = torch.ones(k, dtype=torch.bool)
+            off[k[0] // 2, k[1] // 2] = False
+            assert (centre.weight.grad[:, :, off] == 0).all()
+        full.zero_grad()
+        centre.zero_grad()
+
+
+def test_only_same_padded_plain_convolutions_take_centre_taps():
+    class Custom(nn.Conv2d):
+        pass
+
+    net = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1),  # yes
+        nn.Conv2d(2, 2, 1),  # 1x1 already
+        nn.Conv2d(2, 2, 3),  # no padding: a 1x1 map would not even fit
+        nn.Conv2d(2, 2, 3, padding=2, dilation=2),
+        nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(2, 2, 4, padding=2),  # even kernel
+        Custom(2, 2, 3, padding=1),
+    )
+    keys = set(net.state_dict())
+    assert use_centre_taps(net) == 1
+    assert [type(m) is CentreTapConv2d for m in net] == [True] + [False] * 6
+    assert set(net.state_dict()) == keys
+    # the pixel wrapper applies it: the benchmark's ResNet-18 at 28x28 runs its last stage so
+    model = PixelClassifier(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1)), (0.5,), (0.5,))
+    assert type(model.net[0]) is CentreTapConv2d
 
 
 # --------------------------------------------------------------------------- preprocessing
