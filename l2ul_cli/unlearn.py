@@ -307,17 +307,14 @@ def unlearn(
                 # Polishing: the goal holds here; remember these weights in case it does not
                 # hold again before max_steps.
                 if best is None:
-                    best = [p.detach().clone() for p in params]
-                else:
-                    for b, p in zip(best, params):
-                        b.copy_(p.detach())
+                    best = [torch.empty_like(p) for p in params]
+                torch._foreach_copy_(best, [p.detach() for p in params])
             if goal_met:
                 polished += 1
             if steps >= config.max_steps:
                 if best is not None and n_met < images.shape[0]:
                     with torch.no_grad():
-                        for b, p in zip(best, params):
-                            p.copy_(b)
+                        torch._foreach_copy_(params, best)
                 break
             if config.bn == "train":
                 model.train()

@@ -46,15 +46,21 @@ def _digits(digits, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[start:stop], torch.tensor(y[start:stop])
 
 
+def _forget_digits(checkpoint, xf, yf, **over):
+    """The l2ul preset without stand-ins (and ``over``) forgets ``xf`` from a fresh copy of the checkpoint."""
+    model = load_model(checkpoint, None, device=torch.device("cpu")).model
+    cfg = preset("l2ul", synthetic_retain=0, **over)
+    r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
+                seed=0, precision="fp32")
+    return model, r
+
+
 def _kept_on_probe(checkpoint, xf, yf, probe, probe_y, field: str) -> dict[int, float]:
     """Forget ``xf`` with 0 and with 8 anchors of one kind (``field``); each time the goal must
     be met, and the share of ``probe`` still classified as ``probe_y`` is returned."""
     kept = {}
     for copies in (0, 8):
-        model = load_model(checkpoint, None, device=torch.device("cpu")).model
-        cfg = preset("l2ul", synthetic_retain=0, **{field: copies})
-        r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
-                    seed=0, precision="fp32")
+        model, r = _forget_digits(checkpoint, xf, yf, **{field: copies})
         assert r.goal_met
         with torch.no_grad():
             kept[copies] = float((model(probe).argmax(1) == probe_y).float().mean())
@@ -95,12 +101,9 @@ def test_blend_anchors_keep_the_class_of_other_blends(digits_checkpoint, digits)
     assert kept[8] > kept[0] + 0.1, kept
 
 
-def _forget_digits(checkpoint, xf, yf, **over):
-    model = load_model(checkpoint, None, device=torch.device("cpu")).model
-    cfg = preset("l2ul", synthetic_retain=0, shift_copies=0, mix_copies=0, **over)
-    r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
-                seed=0, precision="fp32")
-    return model, r
+
+
+NO_ANCHORS = {"shift_copies": 0, "mix_copies": 0}
 
 
 def test_polishing_goes_on_past_the_goal_and_pulls_back_towards_the_original(digits_checkpoint, digits):
@@ -113,7 +116,7 @@ def test_polishing_goes_on_past_the_goal_and_pulls_back_towards_the_original(dig
         before = torch.log_softmax(load_model(digits_checkpoint, None, device=torch.device("cpu")).model(probe), 1)
     kl, steps = {}, {}
     for polish in (0, 150):
-        model, r = _forget_digits(digits_checkpoint, xf, yf, polish_steps=polish)
+        model, r = _forget_digits(digits_checkpoint, xf, yf, polish_steps=polish, **NO_ANCHORS)
         assert r.goal_met
         steps[polish] = r.steps
         with torch.no_grad():
@@ -126,9 +129,9 @@ def test_polishing_goes_on_past_the_goal_and_pulls_back_towards_the_original(dig
 def test_polishing_cut_short_by_max_steps_keeps_weights_where_the_goal_held(digits_checkpoint, digits):
     """However max_steps ends the polishing, the weights returned meet the goal."""
     xf, yf = _digits(digits, 1500, 1512)
-    _, first = _forget_digits(digits_checkpoint, xf, yf)
+    _, first = _forget_digits(digits_checkpoint, xf, yf, **NO_ANCHORS)
     for extra in (1, 2, 3, 5, 8, 13):
-        model, r = _forget_digits(digits_checkpoint, xf, yf, polish_steps=10_000, max_steps=first.steps + extra)
+        model, r = _forget_digits(digits_checkpoint, xf, yf, polish_steps=10_000, max_steps=first.steps + extra, **NO_ANCHORS)
         assert r.steps == first.steps + extra and r.goal_met, extra
         with torch.no_grad():
             assert (model(xf).argmax(1) != yf).all()
