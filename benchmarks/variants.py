@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draw", choices=("variants", "quality"), default="variants",
+                    help="which forget images: this script's draw, or quality.py's for the same seed")
     ap.add_argument("--n-adv", type=int, default=5)
     ap.add_argument("--attack-steps", type=int, default=20)
     ap.add_argument("--retain", type=int, default=500, help="other training images, for variants with real_retain=1")
@@ -69,7 +71,8 @@ def main() -> None:
         return torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0
 
     g = torch.Generator().manual_seed(args.seed)
-    perm = torch.randperm(len(ytr), generator=g)
+    # quality.py draws its forget images with the seed offset by 10,000 (its pick()).
+    perm = torch.randperm(len(ytr), generator=g if args.draw == "variants" else torch.Generator().manual_seed(10_000 + args.seed))
     idx = perm[:args.k].numpy()
     xf, yf = tensor(xtr[idx]), torch.tensor(ytr[idx]).long()
     xr = tensor(xtr[perm[args.k:args.k + args.retain].numpy()])
