@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -95,13 +94,13 @@ def main() -> None:
     for v in args.variants:
         method, unl, att, real, precision = parse(v)
         model = load_model(args.checkpoint, None, device=dev).model
-        cfg = replace(preset(method), **unl)
+        cfg = preset(method, **unl)  # as the CLI: an explicit count or lr is taken as given
         synth_s = 0.0
         projector = None
         if real:
             projector = GradientProjector(model, xr, energy=cfg.retain_energy)
-        elif cfg.synthetic_retain > 0:
-            key = (cfg.synthetic_retain, cfg.synthetic_steps, cfg.synthetic_lr, precision)
+        elif cfg.stand_ins(args.k) > 0:
+            key = (cfg.stand_ins(args.k), cfg.synthetic_steps, cfg.synthetic_lr, precision)
             if key not in stand_ins:
                 t0 = time.perf_counter()
                 stand_ins[key] = invert_batchnorm(model, key[0], tuple(xf.shape[1:]), 10, steps=key[1], lr=key[2], seed=args.seed,

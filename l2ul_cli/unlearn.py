@@ -188,7 +188,7 @@ def unlearn(
     (forget) or the new labels (relabel). ``attack_labels``: the classes the attack moves away
     from (default: ``targets`` for forget; required for relabel — the current labels).
     ``projector``: keep every update orthogonal to the inputs of retained images (``--retain``);
-    without one, ``config.synthetic_retain`` stand-in images made from the model's BatchNorm
+    without one, ``config.stand_ins(k)`` stand-in images made from the model's BatchNorm
     statistics play that part.
     """
     progress = progress or NullProgress()
@@ -199,7 +199,8 @@ def unlearn(
     notes: list[str] = []
     image_shape = tuple(images.shape[1:])
     attacking = config.adv_loss != "none" and attack.n_adv > 0
-    wants_stand_ins = projector is None and config.synthetic_retain > 0
+    n_stand_ins = config.stand_ins(images.shape[0])
+    wants_stand_ins = projector is None and n_stand_ins > 0
     synthesising = wants_stand_ins and has_batchnorm(model)
     # Only the attack and the stand-ins run in reduced precision: no need to time it without them.
     autocast_dtype, how = choose(model, image_shape, device, precision) if attacking or synthesising else (None, None)
@@ -246,14 +247,14 @@ def unlearn(
 
     if synthesising:
         t0 = time.perf_counter()
-        progress.start("synthesis", config.synthetic_steps * -(-config.synthetic_retain // SYNTH_BATCH), unit="steps")
-        stand_ins = invert_batchnorm(model, config.synthetic_retain, image_shape, num_classes,
+        progress.start("synthesis", config.synthetic_steps * -(-n_stand_ins // SYNTH_BATCH), unit="steps")
+        stand_ins = invert_batchnorm(model, n_stand_ins, image_shape, num_classes,
                                      steps=config.synthetic_steps, lr=config.synthetic_lr, seed=seed,
                                      autocast_dtype=autocast_dtype,
                                      progress=progress.advance)
         progress.finish()
         projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
-        projector.source = f"{config.synthetic_retain} stand-in images from BatchNorm statistics"
+        projector.source = f"{n_stand_ins} stand-in images from BatchNorm statistics"
         seconds["synthesis"] = time.perf_counter() - t0
     elif wants_stand_ins:
         notes.append("the model has no BatchNorm statistics to make stand-in images from: updates were not "

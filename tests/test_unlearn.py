@@ -40,6 +40,25 @@ def test_largest_shift_scales_with_the_image_side():
     assert preset("l2ul").mix_copies == 8 and preset("adv+imp").mix_copies == 0
 
 
+def test_stand_in_count_grows_with_the_forget_images_between_its_bounds():
+    cfg = preset("l2ul")
+    assert [cfg.stand_ins(k) for k in (1, 16, 32, 48, 64, 128, 1000)] == [256, 256, 256, 384, 512, 512, 512]
+    # An explicit count is the count at every k; the paper's methods make none.
+    assert preset("l2ul", synthetic_retain=100).stand_ins(128) == 100
+    assert preset("l2ul", synthetic_retain=0).stand_ins(128) == 0
+    assert preset("adv+imp").stand_ins(128) == 0
+
+
+def test_unlearn_makes_the_scaled_number_of_stand_ins(digits_checkpoint, digits):
+    xf, yf = _digits(digits, 0, 6)
+    model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
+    cfg = preset("l2ul", synthetic_retain=0, synthetic_per_image=3, synthetic_retain_max=12, synthetic_steps=2,
+                 max_steps=5)
+    r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=2, steps=2),
+                seed=0, precision="fp32")
+    assert r.projection.startswith("12 stand-in images")  # 3 per image, 18, capped at 12
+
+
 def _digits(digits, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     u8, y = digits
     x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
