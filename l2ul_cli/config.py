@@ -141,7 +141,8 @@ METHODS: dict[str, dict[str, Any]] = {
              "projected_lr": 1e-2, "synthetic_retain": 256, "adv_batch_size": 64,
              # 8 stand-ins per forget image past k = 32, up to 512 (2026-11-26, RESULTS.md "More
              # stand-ins for more images"): at k = 128 forget kept 86.3 % on average over 3 seeds
-             # instead of 85.3 (every seed better), about as much as 2,000 real --retain images.
+             # instead of 85.3 (every seed better), about as much as 2,000 real --retain images;
+             # at k = 64 87.3 instead of 86.9. Relabelling: the same at both k.
              "synthetic_per_image": 8, "synthetic_retain_max": 512,
              # Projected steps are small: forgetting 64 images took 582 steps (RESULTS.md), past 500.
              "max_steps": 2000,
