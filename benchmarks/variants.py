@@ -99,8 +99,8 @@ def main() -> None:
         projector = None
         if real:
             projector = GradientProjector(model, xr, energy=cfg.retain_energy)
-        elif cfg.stand_ins(args.k) > 0:
-            key = (cfg.stand_ins(args.k), cfg.synthetic_steps, cfg.synthetic_lr, precision)
+        elif (n_stand_ins := cfg.stand_ins(args.k)) > 0:
+            key = (n_stand_ins, cfg.synthetic_steps, cfg.synthetic_lr, precision)
             if key not in stand_ins:
                 t0 = time.perf_counter()
                 stand_ins[key] = invert_batchnorm(model, key[0], tuple(xf.shape[1:]), 10, steps=key[1], lr=key[2], seed=args.seed,

@@ -49,16 +49,6 @@ def test_stand_in_count_grows_with_the_forget_images_between_its_bounds():
     assert preset("adv+imp").stand_ins(128) == 0
 
 
-def test_unlearn_makes_the_scaled_number_of_stand_ins(digits_checkpoint, digits):
-    xf, yf = _digits(digits, 0, 6)
-    model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
-    cfg = preset("l2ul", synthetic_retain=0, synthetic_per_image=3, synthetic_retain_max=12, synthetic_steps=2,
-                 max_steps=5)
-    r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=2, steps=2),
-                seed=0, precision="fp32")
-    assert r.projection.startswith("12 stand-in images")  # 3 per image, 18, capped at 12
-
-
 def _digits(digits, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     u8, y = digits
     x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
@@ -72,6 +62,13 @@ def _forget_digits(checkpoint, xf, yf, **over):
     r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
                 seed=0, precision="fp32")
     return model, r
+
+
+def test_unlearn_makes_the_scaled_number_of_stand_ins(digits_checkpoint, digits):
+    xf, yf = _digits(digits, 0, 6)
+    _, r = _forget_digits(digits_checkpoint, xf, yf, synthetic_per_image=3, synthetic_retain_max=12,
+                          synthetic_steps=2, max_steps=5)
+    assert r.projection.startswith("12 stand-in images")  # 3 per image, 18, capped at 12
 
 
 def _kept_on_probe(checkpoint, xf, yf, probe, probe_y, field: str) -> dict[int, float]:
@@ -118,8 +115,6 @@ def test_blend_anchors_keep_the_class_of_other_blends(digits_checkpoint, digits)
     probe_y = torch.cat([yf[i].repeat(4) for i in range(len(yf)) if (yf == yf[i]).sum() > 1])
     kept = _kept_on_probe(digits_checkpoint, xf, yf, probe, probe_y, "mix_copies")
     assert kept[8] > kept[0] + 0.1, kept
-
-
 
 
 NO_ANCHORS = {"shift_copies": 0, "mix_copies": 0}
