@@ -6,7 +6,7 @@ The paper's methods are presets (:data:`METHODS`); every field can still be set 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 Goal = Literal["forget", "relabel"]
@@ -106,19 +106,6 @@ class UnlearnConfig:
         if self.shift_pixels is not None:
             return int(self.shift_pixels)
         return max(1, round(2 * min(int(image_shape[-2]), int(image_shape[-1])) / 28))
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    method: str
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # of the attack and the stand-ins: precision.PRECISIONS
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # The paper's methods, by the names used in its tables. "l2ul" is this tool's own preset
