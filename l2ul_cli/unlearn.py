@@ -181,6 +181,7 @@ def unlearn(
     precision: Precision = "auto",
     progress: Progress | None = None,
     projector: GradientProjector | None = None,
+    kept: int = 0,
 ) -> UnlearnResult:
     """Change ``model`` in place so that ``images`` meet ``goal``.
 
@@ -189,8 +190,12 @@ def unlearn(
     from (default: ``targets`` for forget; required for relabel — the current labels).
     ``projector``: keep every update orthogonal to the inputs of retained images (``--retain``);
     without one, ``config.stand_ins(k)`` stand-in images made from the model's BatchNorm
-    statistics play that part.
+    statistics play that part. ``kept``: the last rows of ``images`` are earlier requests'
+    images (``--keep``); they join the goal check and the anchors, and the importance only with
+    ``config.keep_importance``.
     """
+    if not 0 <= kept < images.shape[0]:
+        raise ValueError(f"kept={kept}: at least one of the {images.shape[0]} images must be new")
     progress = progress or NullProgress()
     device = images.device
     generator = torch.Generator().manual_seed(seed)
@@ -239,8 +244,9 @@ def unlearn(
     penalty = None
     if config.importance:
         t0 = time.perf_counter()
-        progress.start("importance", images.shape[0])
-        omega = mas_importance(model, images, progress=progress.advance)
+        measured = images[:images.shape[0] - kept] if kept and not config.keep_importance else images
+        progress.start("importance", measured.shape[0])
+        omega = mas_importance(model, measured, progress=progress.advance)
         progress.finish()
         penalty = ImportancePenalty(model, omega, config.lam)
         seconds["importance"] = time.perf_counter() - t0

@@ -223,6 +223,7 @@ def run_request(
     result = unlearn(
         model, x_all, t_all.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
         attack_labels=a_all.to(dev), seed=seed, precision=precision, progress=progress, projector=projector,
+        kept=len(kept),
     )
     seconds.update(result.seconds)
     all_logits = result.logits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from l2ul_cli.config import AttackConfig, UnlearnConfig, preset
@@ -149,3 +150,22 @@ def test_polishing_cut_short_by_max_steps_keeps_weights_where_the_goal_held(digi
         assert r.steps == first.steps + extra and r.goal_met, extra
         with torch.no_grad():
             assert (model(xf).argmax(1) != yf).all()
+
+
+def test_importance_is_measured_on_the_new_images_unless_keep_importance(digits_checkpoint, digits, monkeypatch):
+    """Earlier requests' images (the last ``kept`` rows) are forgotten already: by default the MAS
+    importance comes from this request's images only; ``keep_importance`` counts them too."""
+    import l2ul_cli.unlearn as unlearn_module
+
+    seen = []
+    real = unlearn_module.mas_importance
+    monkeypatch.setattr(unlearn_module, "mas_importance", lambda model, x, **kw: seen.append(x.clone()) or real(model, x, **kw))
+    xf, yf = _digits(digits, 0, 6)
+    for keep_importance in (False, True):
+        model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
+        cfg = preset("l2ul", synthetic_retain=0, max_steps=2, keep_importance=keep_importance)
+        unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=2, steps=2),
+                seed=0, precision="fp32", kept=4)
+    assert torch.equal(seen[0], xf[:2]) and torch.equal(seen[1], xf)
+    with pytest.raises(ValueError, match="must be new"):
+        unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=2, steps=2), kept=6)
