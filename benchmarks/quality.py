@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU-sized: fewer epochs, k, attack steps and copies")
     ap.add_argument("--ks", type=int, nargs="*")
     ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here (add seeds to an earlier run's draws)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from here (add seeds to an earlier run's draws); the continual stream's draw")
     ap.add_argument("--forget-methods", nargs="*", default=["neggrad", "adv", "adv+imp", "l2ul"])
     ap.add_argument("--relabel-methods", nargs="*", default=["correct", "adv", "adv+imp", "l2ul"])
     ap.add_argument("--experiments", nargs="*", default=["forget", "relabel", "continual", "oracle"])
@@ -243,7 +243,7 @@ def main() -> None:
         out.append(t)
     if "continual" in args.experiments:
         total = args.continual_total or (32 if quick else 128)
-        lines = ["### continual: 8 images per request, each on the previous output", "",
+        lines = [f"### continual: 8 images per request, each on the previous output (draw {args.first_seed})", "",
                  f"Through the request API as the CLI runs it (PNG folders, ledger), earlier requests "
                  f"{'passed with --keep' if not args.continual_without_keep else 'NOT passed (no --keep)'}.", "",
                  "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries | seconds |",
@@ -251,7 +251,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="l2ul-continual-") as work:
             for method in args.forget_methods:
                 folder = Path(work) / method.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "-")
-                for row in continual(ckpt, ev, dev, method, total, 8, 0, attack, overrides, folder,
+                for row in continual(ckpt, ev, dev, method, total, 8, args.first_seed, attack, overrides, folder,
                                      keep=not args.continual_without_keep):
                     lines.append(f"| {method} | {row['k']} | {row['D_f'] * 100:.1f} | {row['D_r'] * 100:.1f} | "
                                  f"{row['D_test'] * 100:.1f} | {row['steps']} | {'met' if row.get('goal_met') else 'NOT met'} | "
