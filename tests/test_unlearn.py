@@ -159,7 +159,12 @@ def test_importance_is_measured_on_the_new_images_unless_keep_importance(digits_
 
     seen = []
     real = unlearn_module.mas_importance
-    monkeypatch.setattr(unlearn_module, "mas_importance", lambda model, x, **kw: seen.append(x.clone()) or real(model, x, **kw))
+
+    def spy(model, x, **kw):
+        seen.append(x.clone())
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(unlearn_module, "mas_importance", spy)
     xf, yf = _digits(digits, 0, 6)
     for keep_importance in (False, True):
         model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
