@@ -56,12 +56,13 @@ def _digits(digits, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[start:stop], torch.tensor(y[start:stop])
 
 
-def _forget_digits(checkpoint, xf, yf, **over):
-    """The l2ul preset without stand-ins (and ``over``) forgets ``xf`` from a fresh copy of the checkpoint."""
+def _forget_digits(checkpoint, xf, yf, kept: int = 0, **over):
+    """The l2ul preset without stand-ins (and ``over``) forgets ``xf`` from a fresh copy of the
+    checkpoint; its last ``kept`` rows are earlier requests' images."""
     model = load_model(checkpoint, None, device=torch.device("cpu")).model
     cfg = preset("l2ul", synthetic_retain=0, **over)
     r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
-                seed=0, precision="fp32")
+                seed=0, precision="fp32", kept=kept)
     return model, r
 
 
@@ -167,10 +168,7 @@ def test_importance_is_measured_on_the_new_images_unless_keep_importance(digits_
     monkeypatch.setattr(unlearn_module, "mas_importance", spy)
     xf, yf = _digits(digits, 0, 6)
     for keep_importance in (False, True):
-        model = load_model(digits_checkpoint, None, device=torch.device("cpu")).model
-        cfg = preset("l2ul", synthetic_retain=0, max_steps=2, keep_importance=keep_importance)
-        unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=2, steps=2),
-                seed=0, precision="fp32", kept=4)
+        _forget_digits(digits_checkpoint, xf, yf, kept=4, max_steps=2, keep_importance=keep_importance)
     assert torch.equal(seen[0], xf[:2]) and torch.equal(seen[1], xf)
     with pytest.raises(ValueError, match="must be new"):
-        unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=2, steps=2), kept=6)
+        _forget_digits(digits_checkpoint, xf, yf, kept=6, max_steps=2)
