@@ -131,20 +131,27 @@ def reference_style(model, x, y, num_classes, attack: AttackConfig, max_steps: i
             "timed_copies": timed, "copies": total}
 
 
-ATTACK_VARIANTS = {"fp32": ("eager fp32", False, None), "bf16": ("eager bf16 autocast", False, torch.bfloat16),
-                   "compile": ("torch.compile fp32", True, None), "compile-bf16": ("torch.compile bf16 autocast", True, torch.bfloat16)}
+# name: (label, torch.compile, autocast dtype, other pgd_l2_targeted arguments)
+ATTACK_VARIANTS = {"fp32": ("eager fp32", False, None, {}), "bf16": ("eager bf16 autocast", False, torch.bfloat16, {}),
+                   "compile": ("torch.compile fp32", True, None, {}),
+                   "compile-bf16": ("torch.compile bf16 autocast", True, torch.bfloat16, {}),
+                   "bf16-4096": ("eager bf16 autocast, 4,096 rows a chunk", False, torch.bfloat16, {"batch_size": 4096}),
+                   "graph": ("CUDA graph fp32", False, None, {"cuda_graph": True}),
+                   "graph-bf16": ("CUDA graph bf16 autocast", False, torch.bfloat16, {"cuda_graph": True}),
+                   "graph-bf16-4096": ("CUDA graph bf16 autocast, 4,096 rows a chunk", False, torch.bfloat16,
+                                       {"cuda_graph": True, "batch_size": 4096})}
 
 
 def attack_variants(ckpt, dev, x, y, attack: AttackConfig, names: list[str]) -> list[dict]:
-    """The batched attack in fp32, under bf16 autocast and through torch.compile, on the same
-    images and seeds: seconds (twice: the first call of the compiled model includes compiling)
+    """The batched attack in fp32, under bf16 autocast, through torch.compile, replayed as CUDA
+    graphs or in larger chunks, on the same images and seeds: seconds (twice: the first call of the compiled model includes compiling)
     and attack success (share of copies the fp32 model puts in their target class), so a faster
     variant is only adopted if it attacks as well."""
     from l2ul_cli.attack import adversarial_set
 
     judge = fresh(ckpt, dev).model
     rows = []
-    for name, compiled, dtype in (ATTACK_VARIANTS[n] for n in names):
+    for name, compiled, dtype, extra in (ATTACK_VARIANTS[n] for n in names):
         model = fresh(ckpt, dev).model  # channels_last already: load_model does it for conv nets
         if compiled:
             model = torch.compile(model)
@@ -155,7 +162,8 @@ def attack_variants(ckpt, dev, x, y, attack: AttackConfig, names: list[str]) -> 
                 t0 = time.perf_counter()
                 xa, ta, _ = adversarial_set(model, x, y, 10, n_adv=attack.n_adv, generator=torch.Generator().manual_seed(0),
                                             eps=attack.radius(tuple(x.shape[1:])), step_size=attack.step_size,
-                                            steps=attack.steps, batch_size=attack.batch_size, autocast_dtype=dtype)
+                                            steps=attack.steps, autocast_dtype=dtype,
+                                            **{"batch_size": attack.batch_size, **extra})
                 sync(dev)
                 times.append(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - a variant that fails (no compiler, say) is a row, not the end of the run

@@ -37,6 +37,47 @@ def _l2_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
+def _pgd_step(model, x, y, delta, eps, step_size, autocast_dtype, cache=True) -> torch.Tensor:
+    """One descent step on the targeted loss, then back into the L2 ball and [0, 1]."""
+    delta = delta.detach().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None, cache_enabled=cache):
+        logits = model(x + delta)
+    # Sum, not mean: each row's gradient is independent of the chunk size.
+    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, delta)
+    with torch.no_grad():
+        step = grad / _l2_norm(grad).clamp_min(1e-12)
+        delta = delta - step_size * step  # descend: towards the target class
+        norm = _l2_norm(delta)
+        delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
+        return (x + delta).clamp(0, 1) - x
+
+
+def _graphed_steps(model, x, y, delta, steps, eps, step_size, autocast_dtype) -> torch.Tensor:
+    """``steps`` PGD steps, the first few eagerly on a side stream (CUDA graphs need warm
+    kernels and allocator), the rest as replays of one captured step that updates ``delta``
+    in place. Autocast's weight cache must be off under capture."""
+    state = delta.detach().clone()
+
+    def step() -> None:
+        state.copy_(_pgd_step(model, x, y, state, eps, step_size, autocast_dtype, cache=False))
+
+    warm = min(steps, 3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    if steps > warm:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(steps - warm):
+            graph.replay()
+    return state
+
+
 def pgd_l2_targeted(
     model: nn.Module,
     images: torch.Tensor,
@@ -49,6 +90,7 @@ def pgd_l2_targeted(
     generator: torch.Generator | None = None,
     batch_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
+    cuda_graph: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Move each image towards its target class within an L2 ball of radius ``eps``.
@@ -57,6 +99,8 @@ def pgd_l2_targeted(
     adversarial images in [0, 1], same shape and device. ``progress(n)`` is called with the
     number of images finished after each chunk. ``autocast_dtype`` (e.g. bfloat16 on CUDA)
     runs forward/backward in reduced precision; the perturbation itself stays fp32.
+    ``cuda_graph`` (CUDA only; ignored elsewhere) replays each chunk's step as one CUDA graph:
+    the same kernels without a Python launch per op, which is what bounds a small model.
     """
     # Every module's own mode, so a model with e.g. frozen BatchNorm in training gets it back.
     modes = [(m, m.training) for m in model.modules()]
@@ -81,19 +125,11 @@ def pgd_l2_targeted(
                 radius = radii[start:start + x.shape[0]].view(-1, *([1] * (x.dim() - 1))).to(x.device)
                 delta = noise / _l2_norm(noise).clamp_min(1e-12) * radius * eps
                 delta = (x + delta).clamp(0, 1) - x
-            for _ in range(steps):
-                delta.requires_grad_(True)
-                with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(x + delta)
-                # Sum, not mean: each row's gradient is independent of the chunk size.
-                loss = F.cross_entropy(logits.float(), y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, delta)
-                with torch.no_grad():
-                    step = grad / _l2_norm(grad).clamp_min(1e-12)
-                    delta = delta - step_size * step  # descend: towards the target class
-                    norm = _l2_norm(delta)
-                    delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
-                    delta = (x + delta).clamp(0, 1) - x
+            if cuda_graph and x.is_cuda:
+                delta = _graphed_steps(model, x, y, delta, steps, eps, step_size, autocast_dtype)
+            else:
+                for _ in range(steps):
+                    delta = _pgd_step(model, x, y, delta, eps, step_size, autocast_dtype)
             out[start:start + x.shape[0]] = (x + delta).detach().to(out.dtype)
             if progress is not None:
                 progress(x.shape[0])

@@ -29,6 +29,7 @@ class AttackConfig:
     random_start: bool = True
     per_copy_targets: bool = False  # Algorithm 1: one target per image
     batch_size: int = 1024  # rows per attack chunk; halves on CUDA out-of-memory
+    cuda_graph: bool = False  # replay each chunk's PGD step as a CUDA graph (CUDA only)
 
     def radius(self, image_shape: tuple[int, ...]) -> float:
         """The L2 radius for images of ``image_shape`` (C, H, W)."""

@@ -155,7 +155,7 @@ def _attack_with_retry(model, images, labels, num_classes, attack: AttackConfig,
                 model, images, labels, num_classes, n_adv=attack.n_adv, generator=generator,
                 per_copy_targets=attack.per_copy_targets, eps=attack.radius(tuple(images.shape[1:])), step_size=attack.step_size,
                 steps=attack.steps, random_start=attack.random_start, batch_size=batch,
-                autocast_dtype=autocast_dtype, progress=progress.advance,
+                autocast_dtype=autocast_dtype, cuda_graph=attack.cuda_graph, progress=progress.advance,
             )
         except torch.cuda.OutOfMemoryError:
             if batch <= 1:

@@ -211,6 +211,25 @@ def test_pgd_chunking_does_not_change_the_result(trained, random_start):
     assert torch.allclose(big, small, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("steps", [2, 8])  # fewer than the eager warm-up steps, and more
+def test_pgd_cuda_graph_gives_the_eager_result(trained, device, steps):
+    """Replaying the step as a CUDA graph runs the same kernels: the same images, also for an
+    uneven last chunk; elsewhere the flag is ignored."""
+    net, x, y = trained
+    net = net.to(device)
+    x, t = x[:20].to(device), _targets_for(y[:20]).to(device)
+    kw = dict(eps=1.0, step_size=0.2, steps=steps, batch_size=8)
+    try:
+        eager = pgd_l2_targeted(net, x, t, generator=torch.Generator().manual_seed(3), **kw)
+        graphed = pgd_l2_targeted(net, x, t, generator=torch.Generator().manual_seed(3), cuda_graph=True, **kw)
+    finally:
+        net.to("cpu")
+    assert torch.allclose(eager, graphed, atol=1e-5)
+    assert not torch.equal(eager, x)
+
 def test_pgd_progress_reports_every_image(trained):
     net, x, y = trained
     done: list[int] = []
