@@ -106,7 +106,7 @@ def reference_style(model, x, y, num_classes, attack: AttackConfig, max_steps: i
         rest = torch.cat(targets[timed:])
         src = torch.arange(x.shape[0], device=x.device).repeat_interleave(attack.n_adv)[timed:]
         copies.append(pgd_l2_targeted(model, x[src], rest, eps=eps, step_size=attack.step_size, steps=attack.steps,
-                                      generator=g, batch_size=attack.batch_size))
+                                      generator=g, batch_size=attack.chunk_rows(tuple(x.shape[1:]), x.device.type)))
     xa, ta = torch.cat(copies), torch.cat(targets)
     t0 = time.perf_counter()
     penalty = ImportancePenalty(model, mas_importance(model, x, chunk_size=1), 1.0)
@@ -135,11 +135,11 @@ def reference_style(model, x, y, num_classes, attack: AttackConfig, max_steps: i
 ATTACK_VARIANTS = {"fp32": ("eager fp32", False, None, {}), "bf16": ("eager bf16 autocast", False, torch.bfloat16, {}),
                    "compile": ("torch.compile fp32", True, None, {}),
                    "compile-bf16": ("torch.compile bf16 autocast", True, torch.bfloat16, {}),
-                   "bf16-4096": ("eager bf16 autocast, 4,096 rows a chunk", False, torch.bfloat16, {"batch_size": 4096}),
+                   "bf16-1024": ("eager bf16 autocast, 1,024 rows a chunk", False, torch.bfloat16, {"batch_size": 1024}),
                    "graph": ("CUDA graph fp32", False, None, {"cuda_graph": True}),
                    "graph-bf16": ("CUDA graph bf16 autocast", False, torch.bfloat16, {"cuda_graph": True}),
-                   "graph-bf16-4096": ("CUDA graph bf16 autocast, 4,096 rows a chunk", False, torch.bfloat16,
-                                       {"cuda_graph": True, "batch_size": 4096})}
+                   "graph-bf16-1024": ("CUDA graph bf16 autocast, 1,024 rows a chunk", False, torch.bfloat16,
+                                       {"cuda_graph": True, "batch_size": 1024})}
 
 
 def attack_variants(ckpt, dev, x, y, attack: AttackConfig, names: list[str]) -> list[dict]:
@@ -163,7 +163,7 @@ def attack_variants(ckpt, dev, x, y, attack: AttackConfig, names: list[str]) -> 
                 xa, ta, _ = adversarial_set(model, x, y, 10, n_adv=attack.n_adv, generator=torch.Generator().manual_seed(0),
                                             eps=attack.radius(tuple(x.shape[1:])), step_size=attack.step_size,
                                             steps=attack.steps, autocast_dtype=dtype,
-                                            **{"batch_size": attack.batch_size, **extra})
+                                            **{"batch_size": attack.chunk_rows(tuple(x.shape[1:]), dev.type), **extra})
                 sync(dev)
                 times.append(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - a variant that fails (no compiler, say) is a row, not the end of the run

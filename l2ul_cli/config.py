@@ -28,12 +28,28 @@ class AttackConfig:
     steps: int = 100  # paper: 100 iterations
     random_start: bool = True
     per_copy_targets: bool = False  # Algorithm 1: one target per image
-    batch_size: int = 1024  # rows per attack chunk; halves on CUDA out-of-memory
+    batch_size: int = 0  # rows per attack chunk (0: chunk_rows picks); halves on CUDA out-of-memory
     cuda_graph: bool = False  # replay each chunk's PGD step as a CUDA graph (CUDA only)
 
     def radius(self, image_shape: tuple[int, ...]) -> float:
         """The L2 radius for images of ``image_shape`` (C, H, W)."""
         return resolve_eps(self.eps, image_shape, self.eps_at_28x28)
+
+    def chunk_rows(self, image_shape: tuple[int, ...], device_type: str) -> int:
+        """Rows per attack chunk: ``batch_size`` if set, else a budget of pixel values.
+
+        CUDA: 4,096 rows at 28x28x1 (the attack took 0.75 s instead of 2.2 s with 1,024 on an
+        H100: fewer kernel launches), 256 at 224x224x3 (about 13 GB for a ResNet-50 in bf16).
+        CPU: 1,024 rows at 28x28 (4,096 was slower there), 32 at 224x224x3 (about 1.6 GB of RAM;
+        1,024 such rows would need about 50 GB).
+        """
+        if self.batch_size:
+            return self.batch_size
+        cap, at_224 = (4096, 256) if device_type == "cuda" else (1024, 32)
+        pixels = 1
+        for d in image_shape:
+            pixels *= int(d)
+        return max(1, min(cap, at_224 * 224 * 224 * 3 // pixels))
 
 
 def resolve_eps(eps: float | None, image_shape: tuple[int, ...], at_28x28: float = 1.0) -> float:

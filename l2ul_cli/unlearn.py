@@ -146,7 +146,7 @@ def _set_bn_train(model: nn.Module, bn: str) -> None:
 
 def _attack_with_retry(model, images, labels, num_classes, attack: AttackConfig, generator, autocast_dtype, progress):
     """Run the attack; on CUDA out-of-memory halve the chunk and start again."""
-    batch = attack.batch_size
+    batch = attack.chunk_rows(tuple(images.shape[1:]), images.device.type)
     state = generator.get_state()
     while True:
         try:

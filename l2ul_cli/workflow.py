@@ -259,7 +259,9 @@ def run_request(
         "output_sha256": None,
         "adv_attack_success": result.adv_attack_success,
         "lambda_final": result.lam_final,
-        "config": {"attack": {**asdict(attack), "eps": attack.radius(tuple(x.shape[1:]))}, "unlearn": asdict(cfg)},
+        "config": {"attack": {**asdict(attack), "eps": attack.radius(tuple(x.shape[1:])),
+                              "batch_size": attack.chunk_rows(tuple(x.shape[1:]), x.device.type)},
+                   "unlearn": asdict(cfg)},
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2ul_cli.attack import adversarial_set, draw_targets, pgd_l2_targeted
+from l2ul_cli.config import AttackConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -229,6 +230,16 @@ def test_pgd_cuda_graph_gives_the_eager_result(trained, device, steps):
         net.to("cpu")
     assert torch.allclose(eager, graphed, atol=1e-5)
     assert not torch.equal(eager, x)
+
+
+def test_chunk_rows_scale_with_image_size_and_device():
+    """More rows per chunk for small images on a GPU (fewer launches), fewer for big images
+    (memory), and a set batch_size always wins."""
+    a = AttackConfig()
+    assert a.chunk_rows((1, 28, 28), "cuda") == 4096 and a.chunk_rows((1, 28, 28), "cpu") == 1024
+    assert a.chunk_rows((3, 224, 224), "cuda") == 256 and a.chunk_rows((3, 224, 224), "cpu") == 32
+    assert a.chunk_rows((3, 4000, 4000), "cpu") == 1
+    assert AttackConfig(batch_size=7).chunk_rows((3, 224, 224), "cuda") == 7
 
 def test_pgd_progress_reports_every_image(trained):
     net, x, y = trained

@@ -52,6 +52,7 @@ def test_forget_writes_checkpoint_and_report(digits_checkpoint, forget_dir, tmp_
     assert report["after"]["forget_accuracy"] == 0.0
     assert report["method"] == "l2ul"  # the default, chosen by the benchmark
     assert report["device"] == "cpu"
+    assert report["config"]["attack"]["batch_size"] == 1024  # the chunk the CPU ran, not "0: automatic"
     assert isinstance(report["steps"], int) and report["steps"] >= 1
     assert all(isinstance(v, float) for v in report["seconds"].values())
     assert {"attack", "importance", "updates"} <= set(report["seconds"])
