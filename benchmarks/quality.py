@@ -204,7 +204,7 @@ def main() -> None:
     PRECISION = args.precision
     dev = torch.device(args.device)
     quick = args.quick or dev.type == "cpu"
-    epochs = args.epochs or (3 if quick else 15)
+    epochs = args.epochs or (3 if quick else 20)
     ks = args.ks or ([4, 16] if quick else [4, 16, 64, 128])
     seeds = args.seeds or (1 if quick else 3)
     seed_list = range(args.first_seed, args.first_seed + seeds)

@@ -199,7 +199,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     ks = args.ks or ([16, 128] if dev.type == "cuda" else [16])
-    epochs = args.epochs or (15 if dev.type == "cuda" else 3)
+    epochs = args.epochs or (20 if dev.type == "cuda" else 3)
     ckpt, _ = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     from l2ul_cli.checkpoint import read_checkpoint
 
