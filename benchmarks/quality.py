@@ -112,10 +112,11 @@ def oracle_cell(ckpt, ev: Evaluator, dev, goal, k, seed, max_steps=500, lr=1e-4)
 
 
 def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, overrides, workdir: Path,
-              keep: bool = True) -> list[dict]:
+              keep: bool = True, original: bool = True) -> list[dict]:
     """Forget ``per`` images at a time, each request on the previous output (paper Table 5), through
     the library's request API exactly as the CLI runs it: images as PNG class folders, each
-    request's checkpoint written with its ledger, earlier requests passed with ``keep``."""
+    request's checkpoint written with its ledger, earlier requests passed with ``keep``, the first
+    checkpoint as ``--original`` with ``original``."""
     from PIL import Image
 
     from l2ul_cli.errors import GoalNotMet
@@ -134,6 +135,7 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, o
         out = workdir / f"after-{r_i + 1}.safetensors"
         try:
             rep = run_request("forget", current, images=folder, keep=done if keep else (), out=out, method=method,
+                              original=ckpt if original else None,
                               device=str(dev), seed=seed + r_i, force=True, allow_partial=True, precision=PRECISION,
                               attack_overrides=attack_over, unlearn_overrides=overrides, request_id=f"request-{r_i + 1}")
         except GoalNotMet as exc:
@@ -193,6 +195,7 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=0, help="train the model on this many images only")
     ap.add_argument("--continual-total", type=int, default=None)
     ap.add_argument("--continual-without-keep", action="store_true", help="do not pass earlier requests' images (--keep)")
+    ap.add_argument("--continual-without-original", action="store_true", help="do not pass the first checkpoint as --original")
     ap.add_argument("--n-adv", type=int, default=None)
     ap.add_argument("--attack-steps", type=int, default=None)
     ap.add_argument("--eps", type=float, default=None, help="attack radius for every method (default: each method's)")
@@ -245,14 +248,16 @@ def main() -> None:
         total = args.continual_total or (32 if quick else 128)
         lines = [f"### continual: 8 images per request, each on the previous output (draw {args.first_seed})", "",
                  f"Through the request API as the CLI runs it (PNG folders, ledger), earlier requests "
-                 f"{'passed with --keep' if not args.continual_without_keep else 'NOT passed (no --keep)'}.", "",
+                 f"{'passed with --keep' if not args.continual_without_keep else 'NOT passed (no --keep)'}, "
+                 f"{'the first checkpoint as --original' if not args.continual_without_original else 'no --original'}.", "",
                  "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries | seconds |",
                  "|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory(prefix="l2ul-continual-") as work:
             for method in args.forget_methods:
                 folder = Path(work) / method.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "-")
                 for row in continual(ckpt, ev, dev, method, total, 8, args.first_seed, attack, overrides, folder,
-                                     keep=not args.continual_without_keep):
+                                     keep=not args.continual_without_keep,
+                                     original=not args.continual_without_original):
                     lines.append(f"| {method} | {row['k']} | {row['D_f'] * 100:.1f} | {row['D_r'] * 100:.1f} | "
                                  f"{row['D_test'] * 100:.1f} | {row['steps']} | {'met' if row.get('goal_met') else 'NOT met'} | "
                                  f"{row.get('ledger', '–')} | {row.get('seconds', float('nan')):.0f} |")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Deletion requests arrive one at a time. Each runs on the previous output; --keep re-checks the
-# earlier requests' images so they stay forgotten; the ledger in the checkpoint records it all.
+# earlier requests' images so they stay forgotten; --original names the checkpoint the stream
+# began from, so each request pulls back towards it instead of adding to the drift of the ones
+# before; the ledger in the checkpoint records it all.
 #   bash examples/04_continual_requests.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,7 +23,7 @@ for f in images/forget/*/*.png; do
 done
 
 $L2UL forget "$MODEL" --images "$OUT/req1" --out "$OUT/after1.safetensors" --request-id req-1 --force -q ${EXTRA[@]+"${EXTRA[@]}"}
-$L2UL forget "$OUT/after1.safetensors" --images "$OUT/req2" --keep "$OUT/req1" \
+$L2UL forget "$OUT/after1.safetensors" --images "$OUT/req2" --keep "$OUT/req1" --original "$MODEL" \
   --out "$OUT/after2.safetensors" --request-id req-2 --force ${EXTRA[@]+"${EXTRA[@]}"}
 $L2UL history "$OUT/after2.safetensors"
 $L2UL eval "$OUT/after2.safetensors" --images images/forget -q --report "$OUT/all-forgotten.json"

@@ -203,6 +203,7 @@ ShiftOpt = Annotated[Optional[int], typer.Option("--shift-copies", help="Copies 
 MixOpt = Annotated[Optional[int], typer.Option("--mix-copies", help="Blends of each image with another image of the same class on which every update keeps the original model's outputs (with --adv-loss kd), so the class keeps its place where several of its images move [default: 8 for l2ul, 0 for the paper's methods].")]
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
 KeepOpt = Annotated[Optional[List[Path]], typer.Option("--keep", help="Images of earlier requests (folder or CSV) that must stay forgotten/relabelled; repeatable.")]
+OriginalOpt = Annotated[Optional[Path], typer.Option("--original", help="The checkpoint before the first request of a stream (with --keep): each request distils towards it and anchors the importance penalty at it, so requests do not add up each other's drift.")]
 RetainOpt = Annotated[Optional[List[Path]], typer.Option("--retain", help="Other images of the same domain (folder or CSV, labels not needed): updates are kept orthogonal to what the model's layers see on them, which keeps far more accuracy elsewhere; repeatable.")]
 SyntheticOpt = Annotated[Optional[int], typer.Option("--synthetic-retain", help="Without --retain: this many stand-in images made from the model's BatchNorm statistics play their part; 0: no projection [default for l2ul: 8 per forget image, at least 256 and at most 512; 0 for the paper's methods].")]
 RetainEnergyOpt = Annotated[Optional[float], typer.Option("--retain-energy", help=f"Share of the --retain images' input energy per layer that updates must not touch [default: {UnlearnConfig.retain_energy}].")]
@@ -241,6 +242,7 @@ def _request(goal: str, params: dict[str, Any]) -> None:
                                                       "retain_energy", "synthetic_retain", "shift_copies",
                                                       "mix_copies")},
                 request_id=p["request_id"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
+                original=p["original"],
                 record_paths=p["record_paths"], precision=p["precision"], progress=progress, options=options,
             )
         except GoalNotMet as exc:
@@ -321,6 +323,7 @@ def forget(
     mix_copies: MixOpt = None,
     request_id: RequestOpt = None,
     keep: KeepOpt = None,
+    original: OriginalOpt = None,
     retain: RetainOpt = None,
     synthetic_retain: SyntheticOpt = None,
     retain_energy: RetainEnergyOpt = None,
@@ -368,6 +371,7 @@ def relabel(
     mix_copies: MixOpt = None,
     request_id: RequestOpt = None,
     keep: KeepOpt = None,
+    original: OriginalOpt = None,
     retain: RetainOpt = None,
     synthetic_retain: SyntheticOpt = None,
     retain_energy: RetainEnergyOpt = None,

@@ -82,13 +82,17 @@ def normalise(importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class ImportancePenalty:
-    """λ Σ_i (1 − Ω̂_i)(θ_i − θ̃_i)²: weights unimportant for the forget images stay put."""
+    """λ Σ_i (1 − Ω̂_i)(θ_i − θ̃_i)²: weights unimportant for the forget images stay put.
 
-    def __init__(self, model: nn.Module, importance: dict[str, torch.Tensor], lam: float = 1.0):
+    θ̃ is ``model``'s weights now, or ``anchor``'s (the same network before earlier requests)."""
+
+    def __init__(self, model: nn.Module, importance: dict[str, torch.Tensor], lam: float = 1.0,
+                 anchor: nn.Module | None = None):
         norm = normalise(importance)
         self.lam = lam
         self.weight = {n: (1.0 - w).detach() for n, w in norm.items()}
-        self.anchor = {n: p.detach().clone() for n, p in _trainable(model).items() if n in self.weight}
+        source = dict(anchor.named_parameters()) if anchor is not None else _trainable(model)
+        self.anchor = {n: p.detach().clone() for n, p in source.items() if n in self.weight}
         self._diff: dict[str, torch.Tensor] = {}  # θ − θ̃ of add_gradient
 
     def __call__(self, model: nn.Module) -> torch.Tensor:

@@ -182,6 +182,7 @@ def unlearn(
     progress: Progress | None = None,
     projector: GradientProjector | None = None,
     kept: int = 0,
+    original: nn.Module | None = None,
 ) -> UnlearnResult:
     """Change ``model`` in place so that ``images`` meet ``goal``.
 
@@ -192,7 +193,10 @@ def unlearn(
     without one, ``config.stand_ins(k)`` stand-in images made from the model's BatchNorm
     statistics play that part. ``kept``: the last rows of ``images`` are earlier requests'
     images (``--keep``); they join the goal check and the anchors, and the importance only with
-    ``config.keep_importance``.
+    ``config.keep_importance``. ``original``: the same network before the first request of a
+    stream (``--original``); the anchors' distillation targets and the importance penalty's θ̃
+    come from it instead of from ``model``, so each request pulls back towards the original
+    rather than building on the drift of the requests before it.
     """
     if not 0 <= kept < images.shape[0]:
         raise ValueError(f"kept={kept}: at least one of the {images.shape[0]} images must be new")
@@ -219,6 +223,8 @@ def unlearn(
         x_adv, t_adv, _ = _attack_with_retry(model, images, labels_for_attack, num_classes, attack, generator, autocast_dtype, progress)
         teacher = _logits(model, x_adv)
         adv_success = float((teacher.argmax(1) == t_adv).float().mean())
+        if original is not None:
+            teacher = _logits(original, x_adv)
         # Anchors for the distillation beside the adversarial copies; the original model keeps
         # the class of most of them, and keeping it while the image itself moves keeps the change
         # on the image. Random-direction copies farther out than the attack reaches; copies
@@ -236,7 +242,7 @@ def unlearn(
                 if mixes is not None:
                     anchors.append(mixes)
         if anchors:
-            t_more = [_logits(model, x_more) for x_more in anchors]
+            t_more = [_logits(original if original is not None else model, x_more) for x_more in anchors]
             x_adv, teacher = torch.cat([x_adv, *anchors]), torch.cat([teacher, *t_more])
             t_adv = torch.cat([t_adv, *(t.argmax(1) for t in t_more)])
         seconds["attack"] = time.perf_counter() - t0
@@ -248,7 +254,7 @@ def unlearn(
         progress.start("importance", measured.shape[0])
         omega = mas_importance(model, measured, progress=progress.advance)
         progress.finish()
-        penalty = ImportancePenalty(model, omega, config.lam)
+        penalty = ImportancePenalty(model, omega, config.lam, anchor=original)
         seconds["importance"] = time.perf_counter() - t0
 
     if synthesising:

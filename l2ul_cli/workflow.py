@@ -89,6 +89,26 @@ def _retain_samples(loaded: LoadedModel, retain: Sequence[str | os.PathLike]) ->
     return [s for item in retain for s in _folder_or_manifest(loaded, item)]
 
 
+def _original(path: Path, loaded: LoadedModel, load_kw: dict[str, Any]) -> tuple[LoadedModel, str | None]:
+    """The checkpoint before a stream's first request (``--original``): the same network as the
+    input, or an error; and a warning when the input's ledger did not begin from it."""
+    first = load_model(path, **load_kw)
+    mine, theirs = loaded.state_dict(), first.state_dict()
+    if first.num_classes != loaded.num_classes or mine.keys() != theirs.keys() or \
+            any(mine[k].shape != theirs[k].shape for k in mine):
+        raise InputError(f"{path}: --original is not the same network as the input checkpoint")
+    first.model.eval()
+    segment = [e for e in loaded.ledger if isinstance(e, dict)]
+    starts = [i for i, e in enumerate(segment) if e.get("new_segment")]
+    # Without a ledger the input is where the stream begins.
+    began = segment[starts[-1] if starts else 0].get("input_sha256") if segment else loaded.source.sha256
+    note = None
+    if began != first.source.sha256:
+        note = (f"warning: --original {path.name} is not the checkpoint this ledger began from "
+                f"(SHA-256 {began[:12]}…); distillation and the penalty anchor use it anyway")
+    return first, note
+
+
 def _keep_samples(loaded: LoadedModel, keep: Sequence[str | os.PathLike], goal: str) -> list[Sample]:
     """Images of earlier requests (folders or CSVs) that must stay forgotten / relabelled."""
     out: list[Sample] = []
@@ -141,6 +161,7 @@ def run_request(
     record_paths: bool = False,
     keep: Sequence[str | os.PathLike] = (),
     retain: Sequence[str | os.PathLike] = (),
+    original: str | os.PathLike | None = None,
     eval_images: str | os.PathLike | None = None,
     precision: Precision = "auto",
     progress: Progress | None = None,
@@ -150,6 +171,8 @@ def run_request(
 
     ``retain``: folders or CSVs of other images from the same domain (no labels needed); every
     update is then kept orthogonal to what the layers see on them (:mod:`.projection`).
+    ``original``: the checkpoint before a stream's first request; with ``keep``, each request
+    then distils towards it and anchors the importance penalty at it (:func:`.unlearn.unlearn`).
 
     Returns the report dict. Raises :class:`GoalNotMet` (after writing the report, and the
     checkpoint only with ``allow_partial``) when the step cap is hit first.
@@ -171,6 +194,10 @@ def run_request(
     check_output(out_path, ckpt, force)
     if report_path is not None:
         check_output(Path(report_path), ckpt, True, "report")
+    first, first_note = None, None
+    if original is not None:
+        check_output(out_path, Path(original), force)
+        first, first_note = _original(Path(original), loaded, dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev))
     samples = load_samples(loaded, images, manifest, require_new_label=goal == "relabel")
     x = load_images(samples, loaded.preprocessing).to(dev)
     kept = _keep_samples(loaded, keep, goal)
@@ -223,7 +250,7 @@ def run_request(
     result = unlearn(
         model, x_all, t_all.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
         attack_labels=a_all.to(dev), seed=seed, precision=precision, progress=progress, projector=projector,
-        kept=len(kept),
+        kept=len(kept), original=first.model if first is not None else None,
     )
     seconds.update(result.seconds)
     all_logits = result.logits
@@ -232,6 +259,8 @@ def run_request(
     after_value = accuracy(result.logits, targets)
 
     notes = list(result.notes)
+    if first_note:
+        notes.append(first_note)
     if broken:
         notes.append(f"warning: {broken}; the ledger starts a new segment")
     if loaded.ledger and not kept:
@@ -266,6 +295,9 @@ def run_request(
         "notes": notes,
     }
     report["projection"] = result.projection
+    if first is not None:
+        report["original"] = {"path": str(original), "sha256": first.source.sha256}
+        report["config"]["original_sha256"] = first.source.sha256  # the ledger records the hash, not the path
     if projector is not None:
         retain_after = predict(model, x_retain.split(256), dev).argmax(1)
         report["retain"] = {"n_images": len(retained), "agreement": float((retain_after == retain_before).float().mean())}

@@ -473,3 +473,38 @@ def test_report_into_missing_folder_is_refused_before_the_work(digits_checkpoint
     assert r.exit_code == 1
     assert "does not exist" in one_error_line(r)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_original_anchors_a_stream_and_is_checked(digits_checkpoint, digits, forget_dir, tmp_path):
+    """--original: recorded in the report and (as a hash) in the ledger; a checkpoint the ledger
+    did not begin from gets a warning; another network is one error line and nothing written."""
+    from conftest import write_pngs
+
+    u8, y = digits
+    first = tmp_path / "first.safetensors"
+    assert run("forget", digits_checkpoint, "--images", forget_dir, "--out", first, *FAST).exit_code == 0
+    second_dir = write_pngs(tmp_path / "second", u8, y, [12, 45, 310, 620])
+    before = sha(digits_checkpoint)
+    out, rep = tmp_path / "second.safetensors", tmp_path / "second.json"
+    r = run("forget", first, "--images", second_dir, "--keep", forget_dir, "--original", digits_checkpoint,
+            "--out", out, "--report", rep, *FAST)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["original"]["sha256"] == before == sha(digits_checkpoint)  # read, never changed
+    assert report["goal_met"] and report["keep"]["after"]["forget_accuracy"] == 0.0
+    assert not any("--original" in n for n in report["notes"])
+    with safe_open(str(out), "pt") as f:
+        ledger = json.loads(f.metadata()["l2ul"])["ledger"]
+    assert ledger[-1]["settings"]["original_sha256"] == before and str(digits_checkpoint) not in json.dumps(ledger)
+
+    rep2 = tmp_path / "third.json"
+    r = run("forget", out, "--images", second_dir, "--original", first, "--out", tmp_path / "third.safetensors",
+            "--report", rep2, *FAST)
+    assert r.exit_code == 0, r.output
+    assert any("is not the checkpoint this ledger began from" in n for n in json.loads(rep2.read_text())["notes"])
+
+    other = Path(__file__).parent.parent / "examples" / "fashion-mnist-lcnet_050.safetensors"
+    bad = tmp_path / "bad.safetensors"
+    r = run("forget", first, "--images", second_dir, "--original", other, "--out", bad, *FAST)
+    assert r.exit_code != 0 and "not the same network" in one_error_line(r)
+    assert not bad.exists()

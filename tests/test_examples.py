@@ -63,6 +63,7 @@ def test_continual_requests(tmp_path):
     out = _run(["bash", str(EXAMPLES / "04_continual_requests.sh"), str(tmp_path)])
     ledger = read_checkpoint(tmp_path / "after2.safetensors").meta["ledger"]
     assert [e["request_id"] for e in ledger] == ["req-1", "req-2"]
+    assert ledger[1]["settings"]["original_sha256"] == ledger[0]["input_sha256"]  # --original: the shipped model
     assert json.loads((tmp_path / "all-forgotten.json").read_text())["accuracy"] == 0.0
     assert "accuracy on all 8 forgotten images: 0%" in out
 

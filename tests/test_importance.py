@@ -207,6 +207,24 @@ def test_penalty_anchor_is_a_copy_and_lambda_is_live():
     assert penalty(model).item() == pytest.approx(0.5)
 
 
+
+def test_penalty_anchored_at_another_copy_of_the_network():
+    """With ``anchor`` (the network before a stream's earlier requests), θ̃ is its weights: the
+    penalty is non-zero from the start and its gradient pulls towards the anchor, even where the
+    anchor's parameters need no gradient."""
+    first = _linear([[1.0, 2.0]])
+    for q in first.parameters():
+        q.requires_grad_(False)
+    model = _linear([[1.5, 1.0]])
+    penalty = ImportancePenalty(model, {"weight": torch.tensor([[0.0, 2.0]])}, lam=1.0, anchor=first)
+    assert penalty(model).item() == pytest.approx(0.5 ** 2)  # only the unimportant weight counts
+    model.weight.grad = torch.zeros_like(model.weight)
+    penalty.add_gradient(model)
+    assert torch.allclose(model.weight.grad, torch.tensor([[2 * 0.5, 0.0]]))
+    with torch.no_grad():
+        first.weight.add_(5.0)
+    assert penalty(model).item() == pytest.approx(0.5 ** 2)  # a copy, not a view
+
 def test_penalty_with_mas_importance_on_convnet():
     net = _small_convnet().eval()
     omega = mas_importance(net, torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(4)))

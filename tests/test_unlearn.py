@@ -56,13 +56,13 @@ def _digits(digits, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[start:stop], torch.tensor(y[start:stop])
 
 
-def _forget_digits(checkpoint, xf, yf, kept: int = 0, **over):
-    """The l2ul preset without stand-ins (and ``over``) forgets ``xf`` from a fresh copy of the
-    checkpoint; its last ``kept`` rows are earlier requests' images."""
-    model = load_model(checkpoint, None, device=torch.device("cpu")).model
+def _forget_digits(checkpoint, xf, yf, kept: int = 0, model=None, original=None, **over):
+    """The l2ul preset without stand-ins (and ``over``) forgets ``xf`` from ``model`` or a fresh
+    copy of the checkpoint; its last ``kept`` rows are earlier requests' images."""
+    model = model if model is not None else load_model(checkpoint, None, device=torch.device("cpu")).model
     cfg = preset("l2ul", synthetic_retain=0, **over)
     r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
-                seed=0, precision="fp32", kept=kept)
+                seed=0, precision="fp32", kept=kept, original=original)
     return model, r
 
 
@@ -172,3 +172,42 @@ def test_importance_is_measured_on_the_new_images_unless_keep_importance(digits_
     assert torch.equal(seen[0], xf[:2]) and torch.equal(seen[1], xf)
     with pytest.raises(ValueError, match="must be new"):
         _forget_digits(digits_checkpoint, xf, yf, kept=6, max_steps=2)
+
+
+
+def test_original_model_gives_the_teacher_and_the_penalty_anchor(digits_checkpoint, digits, monkeypatch):
+    """``original`` (the network before a stream's first request): when the model is that network,
+    the same result as without it; when the model has drifted, the distillation targets are the
+    original's outputs and the importance penalty's θ̃ its weights."""
+    import l2ul_cli.unlearn as unlearn_module
+
+    fresh = lambda: load_model(digits_checkpoint, None, device=torch.device("cpu")).model  # noqa: E731
+    xf, yf = _digits(digits, 40, 46)
+    _, r = _forget_digits(digits_checkpoint, xf, yf, max_steps=30)
+    _, r_same = _forget_digits(digits_checkpoint, xf, yf, original=fresh(), max_steps=30)
+    assert r.steps == r_same.steps and torch.equal(r.logits, r_same.logits)
+
+    first = fresh()
+    drifted, _ = _forget_digits(digits_checkpoint, *_digits(digits, 0, 6))  # an earlier request
+    called, anchors = [], []
+    real_logits, real_penalty = unlearn_module._logits, unlearn_module.ImportancePenalty
+
+    def logits_spy(model, x, *a):
+        called.append(model)
+        return real_logits(model, x, *a)
+
+    def penalty_spy(model, omega, lam, anchor=None):
+        penalty = real_penalty(model, omega, lam, anchor=anchor)
+        anchors.append(penalty.anchor)
+        return penalty
+
+    monkeypatch.setattr(unlearn_module, "_logits", logits_spy)
+    monkeypatch.setattr(unlearn_module, "ImportancePenalty", penalty_spy)
+    _, r2 = _forget_digits(digits_checkpoint, *_digits(digits, 6, 12), model=drifted, original=first, max_steps=3)
+    assert r2.steps == 3
+    # The attack's success is the drifted model's; every distillation target (adversarial,
+    # shifted and blended copies) is the original's output.
+    assert called[0] is drifted and len(called) >= 3 and all(m is first for m in called[1:])
+    first_weights = dict(first.named_parameters())
+    assert anchors[0] and all(torch.equal(w, first_weights[n]) for n, w in anchors[0].items())
+    assert any(not torch.equal(w, dict(drifted.named_parameters())[n]) for n, w in anchors[0].items())
