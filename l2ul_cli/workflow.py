@@ -103,7 +103,7 @@ def _original(path: Path, loaded: LoadedModel, load_kw: dict[str, Any]) -> tuple
     # Without a ledger the input is where the stream begins.
     began = segment[starts[-1] if starts else 0].get("input_sha256") if segment else loaded.source.sha256
     note = None
-    if began != first.source.sha256:
+    if began and began != first.source.sha256:  # an entry without the hash cannot be checked
         note = (f"warning: --original {path.name} is not the checkpoint this ledger began from "
                 f"(SHA-256 {began[:12]}…); distillation and the penalty anchor use it anyway")
     return first, note
