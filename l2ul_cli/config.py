@@ -6,6 +6,7 @@ The paper's methods are presets (:data:`METHODS`); every field can still be set 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -46,20 +47,14 @@ class AttackConfig:
         if self.batch_size:
             return self.batch_size
         cap, at_224 = (4096, 256) if device_type == "cuda" else (1024, 32)
-        pixels = 1
-        for d in image_shape:
-            pixels *= int(d)
-        return max(1, min(cap, at_224 * 224 * 224 * 3 // pixels))
+        return max(1, min(cap, at_224 * 224 * 224 * 3 // math.prod(int(d) for d in image_shape)))
 
 
 def resolve_eps(eps: float | None, image_shape: tuple[int, ...], at_28x28: float = 1.0) -> float:
     """The attack radius for images of ``image_shape`` (C, H, W)."""
     if eps is not None:
         return float(eps)
-    n = 1
-    for d in image_shape:
-        n *= int(d)
-    return at_28x28 * (n / 784) ** 0.5
+    return at_28x28 * (math.prod(int(d) for d in image_shape) / 784) ** 0.5
 
 
 @dataclass(frozen=True)
