@@ -149,6 +149,7 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, o
         m = ev.metrics(fresh(current, dev), seen, ev.y[seen], "forget")
         rows.append({"k": len(seen), **m, "steps": rep["steps"], "goal_met": rep["goal_met"],
                      "seconds": rep["seconds"].get("total", float("nan")),
+                     **{f"t_{ph}": v for ph, v in rep["seconds"].items() if ph in PHASES},
                      "ledger": len(read_checkpoint(current).meta.get("ledger", []))})
         print("continual", method, rows[-1], flush=True)  # a long run: show each request as it lands
     return rows
@@ -165,10 +166,24 @@ def fmt(vals: list[float], pct: bool = True) -> str:
         f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
 
 
+PHASES = ("attack", "importance", "synthesis", "updates")  # UnlearnResult.seconds keys, in order
+
+
+def phases(runs: list[dict]) -> str:
+    """Mean wall seconds of each phase over the runs that recorded it ("–": not run, e.g. the
+    paper's methods make no stand-ins; the oracle records only its total)."""
+    out = []
+    for ph in PHASES:
+        vals = [r[f"t_{ph}"] for r in runs if f"t_{ph}" in r]
+        out.append(f"{statistics.mean(vals):.1f}" if vals else "–")
+    return " / ".join(out)
+
+
 def table(title: str, cells: dict, ks: list[int], before: dict, note: str) -> str:
     lines = [f"### {title}", "", note, "",
-             "| method | k | D_f | D_r | D_test | MIA AUC | steps | seconds |", "|---|---|---|---|---|---|---|---|"]
-    lines.append(f"| BEFORE | – | – | {before['D_r'] * 100:.1f} | {before['D_test'] * 100:.1f} | – | – | – |")
+             "| method | k | D_f | D_r | D_test | MIA AUC | steps | seconds | attack / importance / stand-ins / updates s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines.append(f"| BEFORE | – | – | {before['D_r'] * 100:.1f} | {before['D_test'] * 100:.1f} | – | – | – | – |")
     for (method, k), runs in cells.items():
         def col(key, pct=True):
             return fmt([r[key] for r in runs], pct)
@@ -176,7 +191,7 @@ def table(title: str, cells: dict, ks: list[int], before: dict, note: str) -> st
         div = sum(bool(r.get("diverged")) for r in runs)
         flag = "" if met == len(runs) else f" goal met {met}/{len(runs)}" + (f", diverged (NaN) {div}/{len(runs)}" if div else "")
         lines.append(f"| {method} | {k} | {col('D_f')} | {col('D_r')} | {col('D_test')} | {col('mia_auc', False)} | "
-                     f"{col('steps', False)} | {col('seconds', False)} |{flag}")
+                     f"{col('steps', False)} | {col('seconds', False)} | {phases(runs)} |{flag}")
     return "\n".join(lines) + "\n"
 
 
@@ -250,8 +265,8 @@ def main() -> None:
                  f"Through the request API as the CLI runs it (PNG folders, ledger), earlier requests "
                  f"{'passed with --keep' if not args.continual_without_keep else 'NOT passed (no --keep)'}, "
                  f"{'the first checkpoint as --original' if not args.continual_without_original else 'no --original'}.", "",
-                 "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries | seconds |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries | seconds | attack / importance / stand-ins / updates s |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory(prefix="l2ul-continual-") as work:
             for method in args.forget_methods:
                 folder = Path(work) / method.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "-")
@@ -260,7 +275,7 @@ def main() -> None:
                                      original=not args.continual_without_original):
                     lines.append(f"| {method} | {row['k']} | {row['D_f'] * 100:.1f} | {row['D_r'] * 100:.1f} | "
                                  f"{row['D_test'] * 100:.1f} | {row['steps']} | {'met' if row.get('goal_met') else 'NOT met'} | "
-                                 f"{row.get('ledger', '–')} | {row.get('seconds', float('nan')):.0f} |")
+                                 f"{row.get('ledger', '–')} | {row.get('seconds', float('nan')):.0f} | {phases([row])} |")
         t = "\n".join(lines) + "\n"
         print(t)
         out.append(t)

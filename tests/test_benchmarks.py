@@ -35,7 +35,10 @@ def test_quality_benchmark_smoke(tmp_path):
     assert "continual" in out and "passed with --keep" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| l2ul | 8 |") or line.startswith("| l2ul | 16 |")]
     assert [r[1] for r in rows][-2:] == ["8", "16"]
-    assert [r[-2].strip(" |") for r in rows][-2:] == ["1", "2"]  # one ledger entry per request
+    assert [r[-3].strip(" |") for r in rows][-2:] == ["1", "2"]  # one ledger entry per request
+    # Wall seconds per phase (attack / importance / stand-ins / updates), in every row of l2ul.
+    for r in rows[-2:] + [line.split(" | ") for line in out.splitlines() if line.startswith("| l2ul | 2 |")]:
+        assert len([float(v) for v in r[-1].strip(" |").split(" / ")]) == 4
 
 
 @needs_fmnist
