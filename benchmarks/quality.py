@@ -57,6 +57,19 @@ def parse_variant(name: str, overrides: dict, attack_over: dict) -> tuple[str, d
 PRECISION = "auto"  # --precision: of the attack and stand-ins in every cell, as the CLI's option
 
 
+PHASES = ("attack", "importance", "synthesis", "updates")  # UnlearnResult.seconds keys, in order
+
+
+def phases(runs: list[dict]) -> str:
+    """Mean wall seconds of each phase over the runs that recorded it ("–": not run, e.g. the
+    paper's methods make no stand-ins; the oracle records only its total)."""
+    out = []
+    for ph in PHASES:
+        vals = [r[f"t_{ph}"] for r in runs if f"t_{ph}" in r]
+        out.append(f"{statistics.mean(vals):.1f}" if vals else "–")
+    return " / ".join(out)
+
+
 def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack_over: dict, overrides: dict) -> dict:
     loaded = fresh(ckpt, dev)
     idx = pick(len(ev.y), k, seed)
@@ -164,19 +177,6 @@ def fmt(vals: list[float], pct: bool = True) -> str:
         return f"{vals[0] * s:.1f}" if pct else f"{vals[0]:.2f}"
     return f"{statistics.mean(vals) * s:.1f} ± {statistics.stdev(vals) * s:.1f}" if pct else \
         f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
-
-
-PHASES = ("attack", "importance", "synthesis", "updates")  # UnlearnResult.seconds keys, in order
-
-
-def phases(runs: list[dict]) -> str:
-    """Mean wall seconds of each phase over the runs that recorded it ("–": not run, e.g. the
-    paper's methods make no stand-ins; the oracle records only its total)."""
-    out = []
-    for ph in PHASES:
-        vals = [r[f"t_{ph}"] for r in runs if f"t_{ph}" in r]
-        out.append(f"{statistics.mean(vals):.1f}" if vals else "–")
-    return " / ".join(out)
 
 
 def table(title: str, cells: dict, ks: list[int], before: dict, note: str) -> str:
