@@ -58,6 +58,7 @@ PRECISION = "auto"  # --precision: of the attack and stand-ins in every cell, as
 
 
 PHASES = ("attack", "importance", "synthesis", "updates")  # UnlearnResult.seconds keys, in order
+PHASE_HEADER = "attack / importance / stand-ins / updates s"  # the column phases() fills
 
 
 def phases(runs: list[dict]) -> str:
@@ -181,7 +182,7 @@ def fmt(vals: list[float], pct: bool = True) -> str:
 
 def table(title: str, cells: dict, ks: list[int], before: dict, note: str) -> str:
     lines = [f"### {title}", "", note, "",
-             "| method | k | D_f | D_r | D_test | MIA AUC | steps | seconds | attack / importance / stand-ins / updates s |",
+             f"| method | k | D_f | D_r | D_test | MIA AUC | steps | seconds | {PHASE_HEADER} |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines.append(f"| BEFORE | – | – | {before['D_r'] * 100:.1f} | {before['D_test'] * 100:.1f} | – | – | – | – |")
     for (method, k), runs in cells.items():
@@ -265,7 +266,7 @@ def main() -> None:
                  f"Through the request API as the CLI runs it (PNG folders, ledger), earlier requests "
                  f"{'passed with --keep' if not args.continual_without_keep else 'NOT passed (no --keep)'}, "
                  f"{'the first checkpoint as --original' if not args.continual_without_original else 'no --original'}.", "",
-                 "| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries | seconds | attack / importance / stand-ins / updates s |",
+                 f"| method | k so far | D_f (all so far) | D_r | D_test | steps | goal | ledger entries | seconds | {PHASE_HEADER} |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         with tempfile.TemporaryDirectory(prefix="l2ul-continual-") as work:
             for method in args.forget_methods:
