@@ -284,6 +284,7 @@ def unlearn(
                           weight_decay=0.0 if projector is not None else config.weight_decay)
     n_adv_rows = 0 if x_adv is None else x_adv.shape[0]
     adv_bs = min(config.adv_batch_size, n_adv_rows)
+    adv_weight = config.adv_weight_for(images.shape[0])
     order = torch.randperm(n_adv_rows, generator=generator).to(device) if n_adv_rows else None
     cursor = 0
     best_met, since_best = -1, 0
@@ -335,7 +336,7 @@ def unlearn(
                 la = model(x_adv[idx]) if idx is not None else None
             loss = objective_loss(lf, targets, goal, config.objective, config.margin)
             if idx is not None:
-                loss = loss + config.adv_weight * adversarial_loss(la, t_adv[idx], teacher[idx], config.adv_loss, config.kd_temperature)
+                loss = loss + adv_weight * adversarial_loss(la, t_adv[idx], teacher[idx], config.adv_loss, config.kd_temperature)
             if not torch.isfinite(loss):
                 raise NumericalError(f"the loss became {loss.item()} at step {steps}; nothing was written (try a smaller --lr)")
             opt.zero_grad(set_to_none=True)

@@ -290,7 +290,7 @@ def run_request(
         "lambda_final": result.lam_final,
         "config": {"attack": {**asdict(attack), "eps": attack.radius(tuple(x.shape[1:])),
                               "batch_size": attack.chunk_rows(tuple(x.shape[1:]), x.device.type)},
-                   "unlearn": asdict(cfg)},
+                   "unlearn": {**asdict(cfg), "adv_weight": cfg.adv_weight_for(len(x_all))}},
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }

@@ -50,6 +50,14 @@ def test_stand_in_count_grows_with_the_forget_images_between_its_bounds():
     assert preset("adv+imp").stand_ins(128) == 0
 
 
+def test_distillation_weight_grows_with_the_forget_images_between_its_bounds():
+    cfg = preset("l2ul")
+    assert [cfg.adv_weight_for(k) for k in (1, 12, 16, 64, 125, 1000)] == [10, 10, 12.8, 51.2, 100, 100]
+    # An explicit weight is the weight at every k; the paper's methods keep theirs.
+    assert preset("l2ul", adv_weight=3.0).adv_weight_for(128) == 3.0
+    assert preset("adv+imp").adv_weight_for(128) == 1.0
+
+
 def _digits(digits, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     u8, y = digits
     x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
@@ -71,6 +79,16 @@ def test_unlearn_makes_the_scaled_number_of_stand_ins(digits_checkpoint, digits)
     _, r = _forget_digits(digits_checkpoint, xf, yf, synthetic_per_image=3, synthetic_retain_max=12,
                           synthetic_steps=2, max_steps=5)
     assert r.projection.startswith("12 stand-in images")  # 3 per image, 18, capped at 12
+
+
+def test_unlearn_distils_with_the_weight_for_its_number_of_images(digits_checkpoint, digits):
+    """Six images at 1 per image, bounded to [2, 5]: the run is the one at weight 5, not at 2."""
+    xf, yf = _digits(digits, 0, 6)
+    scaled = _forget_digits(digits_checkpoint, xf, yf, adv_weight=2.0, adv_weight_per_image=1.0, adv_weight_max=5.0)[1]
+    fixed = _forget_digits(digits_checkpoint, xf, yf, adv_weight=5.0)[1]
+    floor = _forget_digits(digits_checkpoint, xf, yf, adv_weight=2.0)[1]
+    assert scaled.loss_history == fixed.loss_history
+    assert floor.loss_history != fixed.loss_history
 
 
 def _kept_on_probe(checkpoint, xf, yf, probe, probe_y, field: str) -> dict[int, float]:
