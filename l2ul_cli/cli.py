@@ -199,6 +199,7 @@ MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help=f"Step c
 BNOpt = Annotated[Optional[BNMode], typer.Option("--bn", help="BatchNorm during updates: eval (frozen) or train (reference code) [default: eval].")]
 ObjectiveOpt = Annotated[Optional[Objective], typer.Option("--objective", help="Override the method's objective: ce (paper) or margin (bounded).")]
 AdvLossOpt = Annotated[Optional[AdvLoss], typer.Option("--adv-loss", help="Override the adversarial term: none, ce (paper) or kd (distil the original model).")]
+AdvWeightOpt = Annotated[Optional[float], typer.Option("--adv-weight", help="Weight of the adversarial term against the objective on the forget images [default for l2ul: 10 up to 12 images, 0.8 per image beyond, at most 100; 1 (the paper's) for its methods].")]
 ShiftOpt = Annotated[Optional[int], typer.Option("--shift-copies", help="Copies of each image shifted by 1-2 pixels (at 28x28; scaled with the image side) on which every update keeps the original model's outputs (with --adv-loss kd), so the change stays on the image instead of moving its class [default: 8 for l2ul, 0 for the paper's methods].")]
 MixOpt = Annotated[Optional[int], typer.Option("--mix-copies", help="Blends of each image with another image of the same class on which every update keeps the original model's outputs (with --adv-loss kd), so the class keeps its place where several of its images move [default: 8 for l2ul, 0 for the paper's methods].")]
 RequestOpt = Annotated[Optional[str], typer.Option("--request-id", help="Id recorded in the checkpoint's ledger [default: random].")]
@@ -240,7 +241,7 @@ def _request(goal: str, params: dict[str, Any]) -> None:
                                   "step_size": p["attack_step_size"], "per_copy_targets": p["per_copy_targets"]},
                 unlearn_overrides={k: p[k] for k in ("lr", "lam", "max_steps", "bn", "objective", "adv_loss",
                                                       "retain_energy", "synthetic_retain", "shift_copies",
-                                                      "mix_copies")},
+                                                      "mix_copies", "adv_weight")},
                 request_id=p["request_id"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
                 original=p["original"],
                 record_paths=p["record_paths"], precision=p["precision"], progress=progress, options=options,
@@ -319,6 +320,7 @@ def forget(
     bn: BNOpt = None,
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
+    adv_weight: AdvWeightOpt = None,
     shift_copies: ShiftOpt = None,
     mix_copies: MixOpt = None,
     request_id: RequestOpt = None,
@@ -367,6 +369,7 @@ def relabel(
     bn: BNOpt = None,
     objective: ObjectiveOpt = None,
     adv_loss: AdvLossOpt = None,
+    adv_weight: AdvWeightOpt = None,
     shift_copies: ShiftOpt = None,
     mix_copies: MixOpt = None,
     request_id: RequestOpt = None,

@@ -183,6 +183,9 @@ def run_request(
     allowed = FORGET_METHODS if goal == "forget" else RELABEL_METHODS
     if method not in allowed:
         raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
+    for key, value in (unlearn_overrides or {}).items():
+        if isinstance(value, (int, float)) and value < 0:  # a bool is never negative
+            raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
     cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
     attack = attack or attack_preset(method, **(attack_overrides or {}))
     dev = resolve_device(device)

@@ -186,20 +186,35 @@ def test_precision_option_reaches_the_attack(digits_checkpoint, forget_dir, tmp_
 
 
 # Two of the eight forget digits are 4s, so there are blends to distil as well as shifted copies.
-@pytest.mark.parametrize("option", ["--shift-copies", "--mix-copies"])
-def test_anchor_copy_options_reach_the_updates(option, digits_checkpoint, forget_dir, tmp_path):
+@pytest.mark.parametrize("option,values", [("--shift-copies", ("0", "8")), ("--mix-copies", ("0", "8")),
+                                           ("--adv-weight", ("1", "50"))])
+def test_anchor_options_reach_the_updates(option, values, digits_checkpoint, forget_dir, tmp_path):
     from l2ul_cli.checkpoint import read_checkpoint
 
     key = option.removeprefix("--").replace("-", "_")
     outs = {}
-    for copies in ("0", "8"):
-        out, rep = tmp_path / f"o-{copies}.safetensors", tmp_path / f"r-{copies}.json"
+    for value in values:
+        out, rep = tmp_path / f"o-{value}.safetensors", tmp_path / f"r-{value}.json"
         r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep,
-                option, copies, *FAST, "--precision", "fp32")
+                option, value, *FAST, "--precision", "fp32")
         assert r.exit_code == 0, r.output
-        assert json.loads(rep.read_text())["options"][key] == int(copies)
-        outs[copies] = read_checkpoint(out).state_dict
-    assert any(not torch.equal(outs["0"][k], outs["8"][k]) for k in outs["0"])
+        report = json.loads(rep.read_text())
+        assert report["options"][key] == float(value) and report["config"]["unlearn"][key] == float(value)
+        outs[value] = read_checkpoint(out).state_dict
+    a, b = (outs[v] for v in values)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_gives_the_distillation_weight_for_the_number_of_images(digits_checkpoint, digits, tmp_path):
+    """The weight grows with the images (0.8 per image past 12); the report says which one ran."""
+    from conftest import write_pngs
+
+    images = write_pngs(tmp_path / "twenty", *digits, range(20))
+    rep = tmp_path / "r.json"
+    run("forget", digits_checkpoint, "--images", images, "--out", tmp_path / "o.safetensors", "--report", rep,
+        *FAST, "--max-steps", "0")
+    report = json.loads(rep.read_text())
+    assert report["n_images"] == 20 and report["config"]["unlearn"]["adv_weight"] == 16.0
 
 
 def test_pickle_checkpoint_with_prefixes_and_index_folders(digits_checkpoint, digits, tmp_path):
@@ -276,6 +291,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forge
     (["forget"], "missing argument 'CHECKPOINT'"),
     (["bogus"], "no such command 'bogus'"),
     (["eval", "x.safetensors", "--no-such-flag"], "no such option"),
+    (["forget", "x.safetensors", "--images", ".", "--adv-weight", "-1"], "--adv-weight must not be negative"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, msg):
     r = run(*args)
