@@ -206,7 +206,7 @@ def test_anchor_options_reach_the_updates(option, values, digits_checkpoint, for
 
 
 def test_report_gives_the_distillation_weight_for_the_number_of_images(digits_checkpoint, digits, tmp_path):
-    """The weight grows with the images (0.8 per image past 12); the report says which one ran."""
+    """The weight grows with the images (0.8 per image past 16); the report says which one ran."""
     from conftest import write_pngs
 
     images = write_pngs(tmp_path / "twenty", *digits, range(20))

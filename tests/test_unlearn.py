@@ -52,7 +52,7 @@ def test_stand_in_count_grows_with_the_forget_images_between_its_bounds():
 
 def test_distillation_weight_grows_with_the_forget_images_between_its_bounds():
     cfg = preset("l2ul")
-    assert [cfg.adv_weight_for(k) for k in (1, 12, 16, 64, 125, 1000)] == [10, 10, 12.8, 51.2, 100, 100]
+    assert [cfg.adv_weight_for(k) for k in (1, 16, 20, 64, 125, 1000)] == [10, 10, 16, 51.2, 100, 100]
     # An explicit weight is the weight at every k; the paper's methods keep theirs.
     assert preset("l2ul", adv_weight=3.0).adv_weight_for(128) == 3.0
     assert preset("adv+imp").adv_weight_for(128) == 1.0
@@ -82,9 +82,10 @@ def test_unlearn_makes_the_scaled_number_of_stand_ins(digits_checkpoint, digits)
 
 
 def test_unlearn_distils_with_the_weight_for_its_number_of_images(digits_checkpoint, digits):
-    """Six images at 1 per image, bounded to [2, 5]: the run is the one at weight 5, not at 2."""
+    """Six images at 1 per image past 3, bounded to [2, 5]: the run is the one at weight 5, not at 2."""
     xf, yf = _digits(digits, 0, 6)
-    scaled = _forget_digits(digits_checkpoint, xf, yf, adv_weight=2.0, adv_weight_per_image=1.0, adv_weight_max=5.0)[1]
+    scaled = _forget_digits(digits_checkpoint, xf, yf, adv_weight=2.0, adv_weight_images=3, adv_weight_per_image=1.0,
+                            adv_weight_max=5.0)[1]
     fixed = _forget_digits(digits_checkpoint, xf, yf, adv_weight=5.0)[1]
     floor = _forget_digits(digits_checkpoint, xf, yf, adv_weight=2.0)[1]
     assert scaled.loss_history == fixed.loss_history
