@@ -34,8 +34,9 @@ def _run_blocks(report: dict[str, Any]) -> list[Block]:
     ]
     if report.get("projection"):
         blocks.append(("p", f"updates kept orthogonal to {report['projection']}"
-                            + (f"; {_pct(report['retain']['agreement'])} of the --retain images keep their prediction"
-                               if "retain" in report else "")))
+                            + "".join(f"; {_pct(report[key]['agreement'])} of the {what} keep their prediction"
+                                      for key, what in (("retain", "--retain images"), ("stand_ins", "stand-in images"))
+                                      if key in report)))
     ev = report.get("eval") or {}
     mia = [(w, ev[w]["mia"]) for w in ("before", "after") if "mia" in (ev.get(w) or {})]
     if mia:

@@ -59,8 +59,9 @@ def render_run(report: dict[str, Any], console: Console) -> None:
     for name, title_ in (("accuracy", "accuracy on --eval images"),):
         if name in report["before"] or name in report["after"]:
             table.add_row(title_, _pct(report["before"].get(name)), _pct(report["after"].get(name)))
-    if "retain" in report:
-        table.add_row("--retain images predicted as before", _pct(1.0), _pct(report["retain"]["agreement"]))
+    for key, what in (("retain", "--retain images"), ("stand_ins", "stand-in images")):
+        if key in report:
+            table.add_row(f"{what} predicted as before", _pct(1.0), _pct(report[key]["agreement"]))
     console.print(table)
     times = " · ".join(f"{k} {v:.2f}s" for k, v in report["seconds"].items())
     console.print(f"images: {report['n_images']} · steps: {report['steps']} · {times}")

@@ -58,6 +58,9 @@ class UnlearnResult:
     projection: str | None = None  # what the updates were kept orthogonal to, if anything
     loss_history: list[float] = field(default_factory=list)  # per step, without the importance penalty
     precision: str = "fp32"  # what the attack and the stand-ins ran in
+    # Share of the stand-ins predicted as before the updates. The projection holds them, so a
+    # sound run keeps nearly all; a low share means the model moved elsewhere too.
+    stand_in_agreement: float | None = None
 
 
 def goal_mask(logits: torch.Tensor, targets: torch.Tensor, goal: Goal) -> torch.Tensor:
@@ -267,6 +270,7 @@ def unlearn(
         progress.finish()
         projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
         projector.source = f"{n_stand_ins} stand-in images from BatchNorm statistics"
+        stand_in_pred = _logits(model, stand_ins).argmax(1)
         seconds["synthesis"] = time.perf_counter() - t0
     elif wants_stand_ins:
         notes.append("the model has no BatchNorm statistics to make stand-in images from: updates were not "
@@ -367,6 +371,7 @@ def unlearn(
     with torch.no_grad():
         final = model(images).float()
     goal_met = bool(goal_mask(final, targets, goal).all())
+    stand_in_agreement = float((_logits(model, stand_ins).argmax(1) == stand_in_pred).float().mean()) if synthesising else None
     seconds["updates"] = time.perf_counter() - t0
     return UnlearnResult(
         goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),
@@ -374,4 +379,5 @@ def unlearn(
         adv_attack_success=adv_success, notes=notes, loss_history=torch.stack(losses).tolist() if losses else [],
         precision=describe(autocast_dtype, device, how),
         projection=f"{projector.source}, energy {projector.energy}: {projector.summary()}" if projector is not None else None,
+        stand_in_agreement=stand_in_agreement,
     )

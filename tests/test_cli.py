@@ -205,6 +205,18 @@ def test_anchor_options_reach_the_updates(option, values, digits_checkpoint, for
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_report_warns_when_the_stand_ins_lose_their_predictions(digits_checkpoint, forget_dir, tmp_path):
+    """The projection holds the stand-ins, so losing most of them means the model broke elsewhere
+    (here: a learning rate far too large); the report gives the share and warns."""
+    rep = tmp_path / "r.json"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--report", rep,
+            *DEFAULT_QUICK, "--synthetic-retain", "32", "--lr", "0.3", "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["stand_ins"]["n_images"] == 32 and report["stand_ins"]["agreement"] < 0.5
+    assert any(n.startswith("warning: only") and "stand-in images" in n for n in report["notes"])
+
+
 def test_report_gives_the_distillation_weight_for_the_number_of_images(digits_checkpoint, digits, tmp_path):
     """The weight grows with the images (0.8 per image past 16); the report says which one ran."""
     from conftest import write_pngs

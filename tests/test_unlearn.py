@@ -68,7 +68,7 @@ def _forget_digits(checkpoint, xf, yf, kept: int = 0, model=None, original=None,
     """The l2ul preset without stand-ins (and ``over``) forgets ``xf`` from ``model`` or a fresh
     copy of the checkpoint; its last ``kept`` rows are earlier requests' images."""
     model = model if model is not None else load_model(checkpoint, None, device=torch.device("cpu")).model
-    cfg = preset("l2ul", synthetic_retain=0, **over)
+    cfg = preset("l2ul", **{"synthetic_retain": 0, **over})
     r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg, attack=AttackConfig(n_adv=4, steps=10),
                 seed=0, precision="fp32", kept=kept, original=original)
     return model, r
@@ -90,6 +90,17 @@ def test_unlearn_distils_with_the_weight_for_its_number_of_images(digits_checkpo
     floor = _forget_digits(digits_checkpoint, xf, yf, adv_weight=2.0)[1]
     assert scaled.loss_history == fixed.loss_history
     assert floor.loss_history != fixed.loss_history
+
+
+def test_stand_in_agreement_is_against_the_model_before_the_updates(digits_checkpoint, digits):
+    """No update step: every stand-in keeps its prediction. A learning rate far too large: most do not."""
+    u8, y = digits
+    idx = [3, 17, 101, 250, 404, 777, 900, 1234]
+    xf, yf = torch.tensor(u8[idx], dtype=torch.float32).unsqueeze(1) / 255.0, torch.tensor(y[idx])
+    over = dict(synthetic_retain=32, synthetic_steps=5)
+    assert _forget_digits(digits_checkpoint, xf, yf, max_steps=0, **over)[1].stand_in_agreement == 1.0
+    assert _forget_digits(digits_checkpoint, xf, yf, lr=0.2, **over)[1].stand_in_agreement < 0.5
+    assert _forget_digits(digits_checkpoint, xf, yf, max_steps=0)[1].stand_in_agreement is None  # no stand-ins
 
 
 def _kept_on_probe(checkpoint, xf, yf, probe, probe_y, field: str) -> dict[int, float]:
