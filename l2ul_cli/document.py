@@ -14,7 +14,7 @@ from typing import Any
 
 from .files import atomic_write
 from .plots import FIGURES
-from .report import _pct
+from .report import HELD_SETS, _pct
 
 # ("title", text) · ("h", text) · ("p", text) · ("ul", [text]) · ("table", header, rows) · ("img", alt, file)
 Block = tuple[Any, ...]
@@ -35,8 +35,7 @@ def _run_blocks(report: dict[str, Any]) -> list[Block]:
     if report.get("projection"):
         blocks.append(("p", f"updates kept orthogonal to {report['projection']}"
                             + "".join(f"; {_pct(report[key]['agreement'])} of the {what} keep their prediction"
-                                      for key, what in (("retain", "--retain images"), ("stand_ins", "stand-in images"))
-                                      if key in report)))
+                                      for key, what in HELD_SETS if key in report)))
     ev = report.get("eval") or {}
     mia = [(w, ev[w]["mia"]) for w in ("before", "after") if "mia" in (ev.get(w) or {})]
     if mia:

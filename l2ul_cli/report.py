@@ -17,6 +17,9 @@ from rich.table import Table
 
 from .files import atomic_write
 
+# The report's keys for the images the projection holds, and how the output names them.
+HELD_SETS = (("retain", "--retain images"), ("stand_ins", "stand-in images"))
+
 
 def _clean(obj: Any) -> Any:
     """JSON has no NaN: write null instead, so every parser accepts the file."""
@@ -59,7 +62,7 @@ def render_run(report: dict[str, Any], console: Console) -> None:
     for name, title_ in (("accuracy", "accuracy on --eval images"),):
         if name in report["before"] or name in report["after"]:
             table.add_row(title_, _pct(report["before"].get(name)), _pct(report["after"].get(name)))
-    for key, what in (("retain", "--retain images"), ("stand_ins", "stand-in images")):
+    for key, what in HELD_SETS:
         if key in report:
             table.add_row(f"{what} predicted as before", _pct(1.0), _pct(report[key]["agreement"]))
     console.print(table)

@@ -25,7 +25,7 @@ from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
 from .precision import Precision
 from .projection import GradientProjector
-from .report import write_json
+from .report import HELD_SETS, write_json
 from .unlearn import NullProgress, Progress, unlearn
 
 # Below this share of the projected-on images (--retain or stand-ins) keeping their prediction, the
@@ -33,6 +33,7 @@ from .unlearn import NullProgress, Progress, unlearn
 # at k = 4 and 16; two runs broken by distillation weight 100 at k = 4 kept 91.0 % (test accuracy
 # 74.6 %) and 10.9 % (10 %) (benchmarks/RESULTS.md, "A distillation weight that grows").
 HELD_AGREEMENT = 0.95
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -311,7 +312,7 @@ def run_request(
         report["retain"] = {"n_images": len(retained), "agreement": float((retain_after == retain_before).float().mean())}
     if result.stand_in_agreement is not None:
         report["stand_ins"] = {"n_images": cfg.stand_ins(len(x_all)), "agreement": result.stand_in_agreement}
-    for key, what in (("retain", "--retain images"), ("stand_ins", "stand-in images")):
+    for key, what in HELD_SETS:
         if key in report and report[key]["agreement"] < HELD_AGREEMENT:
             notes.append(f"warning: only {report[key]['agreement']:.1%} of the {what} keep their prediction although the "
                          "projection holds them: accuracy elsewhere has probably dropped (measure it with --eval)")
