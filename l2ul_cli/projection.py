@@ -64,14 +64,18 @@ class GradientProjector:
         handles = [m.register_forward_pre_hook(hook) for m in self.layers]
         was_training = model.training
         model.eval()
+        predictions = []
         try:
             with torch.no_grad():
                 for i in range(0, images.shape[0], batch_size):
-                    model(images[i:i + batch_size])
+                    predictions.append(model(images[i:i + batch_size]).argmax(1).cpu())
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
+        # The held images' classes before any update: how many keep them afterwards is the report's
+        # check that the model did not break elsewhere.
+        self.predictions = torch.cat(predictions)
         # Per layer an orthonormal matrix and whether it spans the retained directions U (the
         # gradient loses its part in them: g - g U Uᵀ) or their complement V (g keeps only its
         # part there: g V Vᵀ, the same when [U V] is a full basis). The narrower of the two is

@@ -270,7 +270,6 @@ def unlearn(
         progress.finish()
         projector = GradientProjector(model, stand_ins, energy=config.retain_energy)
         projector.source = f"{n_stand_ins} stand-in images from BatchNorm statistics"
-        stand_in_pred = _logits(model, stand_ins).argmax(1)
         seconds["synthesis"] = time.perf_counter() - t0
     elif wants_stand_ins:
         notes.append("the model has no BatchNorm statistics to make stand-in images from: updates were not "
@@ -371,7 +370,8 @@ def unlearn(
     with torch.no_grad():
         final = model(images).float()
     goal_met = bool(goal_mask(final, targets, goal).all())
-    stand_in_agreement = float((_logits(model, stand_ins).argmax(1) == stand_in_pred).float().mean()) if synthesising else None
+    stand_in_agreement = (float((_logits(model, stand_ins).argmax(1).cpu() == projector.predictions).float().mean())
+                          if synthesising else None)
     seconds["updates"] = time.perf_counter() - t0
     return UnlearnResult(
         goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),

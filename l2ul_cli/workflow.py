@@ -249,10 +249,9 @@ def run_request(
         x_all = torch.cat([x, x_keep])
         t_all, a_all = torch.cat([targets, k_targets]), torch.cat([labels, k_labels])
         keep_before = accuracy(k_pred, k_targets)
-    projector = retain_before = None
+    projector = None
     if x_retain is not None:
         t0 = time.perf_counter()
-        retain_before = predict(model, x_retain.split(256), dev).argmax(1)
         projector = GradientProjector(model, x_retain, energy=cfg.retain_energy)
         projector.source = f"{len(retained)} --retain images"
         seconds["retain"] = time.perf_counter() - t0
@@ -309,7 +308,7 @@ def run_request(
         report["config"]["original_sha256"] = first.source.sha256  # the ledger records the hash, not the path
     if projector is not None:
         retain_after = predict(model, x_retain.split(256), dev).argmax(1)
-        report["retain"] = {"n_images": len(retained), "agreement": float((retain_after == retain_before).float().mean())}
+        report["retain"] = {"n_images": len(retained), "agreement": float((retain_after == projector.predictions).float().mean())}
     if result.stand_in_agreement is not None:
         report["stand_ins"] = {"n_images": cfg.stand_ins(len(x_all)), "agreement": result.stand_in_agreement}
     for key, what in HELD_SETS:
