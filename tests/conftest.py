@@ -71,6 +71,9 @@ def digits_checkpoint(tmp_path_factory, digits) -> Path:
     return path
 
 
+FORGET_IDX = [3, 17, 101, 250, 404, 777, 900, 1234]  # the digits of the forget_dir fixture
+
+
 def write_pngs(root: Path, u8: np.ndarray, labels: np.ndarray, indices, *, by_class: bool = True, names=DIGIT_NAMES) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for i in indices:
@@ -84,7 +87,7 @@ def write_pngs(root: Path, u8: np.ndarray, labels: np.ndarray, indices, *, by_cl
 def forget_dir(tmp_path, digits) -> Path:
     """Eight training digits, all classes mixed, in class-name sub-folders."""
     u8, y = digits
-    return write_pngs(tmp_path / "forget", u8, y, [3, 17, 101, 250, 404, 777, 900, 1234])
+    return write_pngs(tmp_path / "forget", u8, y, FORGET_IDX)
 
 
 @pytest.fixture(scope="session")

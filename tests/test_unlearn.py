@@ -94,9 +94,10 @@ def test_unlearn_distils_with_the_weight_for_its_number_of_images(digits_checkpo
 
 def test_stand_in_agreement_is_against_the_model_before_the_updates(digits_checkpoint, digits):
     """No update step: every stand-in keeps its prediction. A learning rate far too large: most do not."""
-    u8, y = digits
-    idx = [3, 17, 101, 250, 404, 777, 900, 1234]
-    xf, yf = torch.tensor(u8[idx], dtype=torch.float32).unsqueeze(1) / 255.0, torch.tensor(y[idx])
+    from conftest import FORGET_IDX
+
+    x, y = _digits(digits, 0, max(FORGET_IDX) + 1)
+    xf, yf = x[FORGET_IDX], y[FORGET_IDX]
     over = dict(synthetic_retain=32, synthetic_steps=5)
     assert _forget_digits(digits_checkpoint, xf, yf, max_steps=0, **over)[1].stand_in_agreement == 1.0
     assert _forget_digits(digits_checkpoint, xf, yf, lr=0.2, **over)[1].stand_in_agreement < 0.5
