@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Evaluator, device_name, fresh, split_settings, train_resnet18  # noqa: E402
+from common import CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, split_settings, train_resnet18  # noqa: E402
 
 from l2ul_cli.checkpoint import read_checkpoint  # noqa: E402
 from l2ul_cli.config import attack_preset, preset  # noqa: E402
@@ -223,7 +223,7 @@ def main() -> None:
     PRECISION = args.precision
     dev = torch.device(args.device)
     quick = args.quick or dev.type == "cpu"
-    epochs = args.epochs or (3 if quick else 20)
+    epochs = args.epochs or (CPU_EPOCHS if quick else GPU_EPOCHS)
     ks = args.ks or ([4, 16] if quick else [4, 16, 64, 128])
     seeds = args.seeds or (1 if quick else 3)
     seed_list = range(args.first_seed, args.first_seed + seeds)
@@ -239,7 +239,7 @@ def main() -> None:
     before = {"D_r": accuracy(lr_, ev.y[ev.remaining_pool]), "D_test": accuracy(lt, ev.yt)}
     header = (f"## Quality on Fashion-MNIST · {args.arch} · {device_name(dev)}\n\n"
               f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Model: timm {args.arch} (in_chans=1), "
-              f"{epochs} epochs of SGD{' (CPU recipe, smaller than the GPU one)' if quick else ''}, test accuracy "
+              f"{epochs} epochs of SGD{' (CPU recipe, smaller than the GPU one)' if epochs < GPU_EPOCHS else ''}, test accuracy "
               f"{before['D_test'] * 100:.2f}%. D_r: a fixed 10,000-image subset of the remaining training images; "
               f"D_test: the 10,000 test images; MIA: loss-attack AUC, forget vs test images. Attack: N_adv={attack['n_adv']}, "
               f"{attack['steps']} PGD steps, eps={args.eps or 'each method’s (1.0 at 28×28 unless a variant sets it)'}. {seeds} seed(s); mean ± std. Overrides: {overrides or 'none'}.\n")

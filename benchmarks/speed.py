@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_name, fmnist, fresh, split_settings, train_resnet18  # noqa: E402
+from common import CPU_EPOCHS, GPU_EPOCHS, device_name, fmnist, fresh, split_settings, train_resnet18  # noqa: E402
 
 from l2ul_cli.attack import draw_targets, pgd_l2_targeted  # noqa: E402
 from l2ul_cli.config import AttackConfig, preset  # noqa: E402
@@ -199,7 +199,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     ks = args.ks or ([16, 128] if dev.type == "cuda" else [16])
-    epochs = args.epochs or (20 if dev.type == "cuda" else 3)
+    epochs = args.epochs or (GPU_EPOCHS if dev.type == "cuda" else CPU_EPOCHS)
     ckpt, _ = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     from l2ul_cli.checkpoint import read_checkpoint
 
