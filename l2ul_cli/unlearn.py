@@ -61,6 +61,7 @@ class UnlearnResult:
     # Share of the stand-ins predicted as before the updates. The projection holds them, so a
     # sound run keeps nearly all; a low share means the model moved elsewhere too.
     stand_in_agreement: float | None = None
+    adv_weight: float = 0.0  # of the adversarial term at the end: halved on each divergence retry
 
 
 def goal_mask(logits: torch.Tensor, targets: torch.Tensor, goal: Goal) -> torch.Tensor:
@@ -296,6 +297,13 @@ def unlearn(
     polished = 0  # steps taken since the goal first held
     best: list[torch.Tensor] | None = None  # the latest weights at which it held, while polishing
     losses: list[float] = []
+    # Weights to go back to if the loss runs away (divergence_retries): two copies taken
+    # checkpoint_every steps apart, and the older one is restored, so that it predates the run-up.
+    saved = saved_at = None
+    if config.divergence_retries and adv_bs:
+        first = [p.detach().clone() for p in params]
+        saved, saved_at = [first, first], [0, 0]
+    retries = 0
     progress.start("updates", config.max_steps, unit="steps")
     try:
         while True:
@@ -341,7 +349,18 @@ def unlearn(
             if idx is not None:
                 loss = loss + adv_weight * adversarial_loss(la, t_adv[idx], teacher[idx], config.adv_loss, config.kd_temperature)
             if not torch.isfinite(loss):
-                raise NumericalError(f"the loss became {loss.item()} at step {steps}; nothing was written (try a smaller --lr)")
+                if saved is None or retries >= config.divergence_retries:
+                    raise NumericalError(f"the loss became {loss.item()} at step {steps}; nothing was written (try a smaller "
+                                         f"--lr{' or --adv-weight' if idx is not None else ''})")
+                retries += 1
+                adv_weight /= 2
+                with torch.no_grad():
+                    torch._foreach_copy_(params, saved[0])
+                saved[1], saved_at[1] = saved[0], saved_at[0]
+                opt.state.clear()  # the momentum carries the run-up
+                notes.append(f"step {steps}: the loss became {loss.item()}; went back to the weights after step "
+                             f"{saved_at[0]} and halved the adversarial term's weight to {adv_weight:g}")
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if penalty is not None:  # its gradient added directly: the same as through autograd, fewer kernels
@@ -350,6 +369,10 @@ def unlearn(
                 projector.project()
             opt.step()
             steps += 1
+            if saved is not None and steps % config.checkpoint_every == 0:
+                older = saved[0] if saved[0] is not saved[1] else [torch.empty_like(p) for p in params]
+                torch._foreach_copy_(older, [p.detach() for p in params])
+                saved, saved_at = [saved[1], older], [saved_at[1], steps]
             losses.append(loss.detach())  # a tensor: no wait for the device every step
             progress.advance(1)
             # λ adaptation: the importance penalty can hold the weights so firmly that the goal
@@ -379,5 +402,5 @@ def unlearn(
         adv_attack_success=adv_success, notes=notes, loss_history=torch.stack(losses).tolist() if losses else [],
         precision=describe(autocast_dtype, device, how),
         projection=f"{projector.source}, energy {projector.energy}: {projector.summary()}" if projector is not None else None,
-        stand_in_agreement=stand_in_agreement,
+        stand_in_agreement=stand_in_agreement, adv_weight=adv_weight,
     )

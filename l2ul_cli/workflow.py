@@ -298,7 +298,7 @@ def run_request(
         "lambda_final": result.lam_final,
         "config": {"attack": {**asdict(attack), "eps": attack.radius(tuple(x.shape[1:])),
                               "batch_size": attack.chunk_rows(tuple(x.shape[1:]), x.device.type)},
-                   "unlearn": {**asdict(cfg), "adv_weight": cfg.adv_weight_for(len(x_all))}},
+                   "unlearn": {**asdict(cfg), "adv_weight": result.adv_weight}},
         "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
         "notes": notes,
     }
