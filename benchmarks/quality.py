@@ -89,7 +89,9 @@ def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack_over: dict,
                 "seconds": time.perf_counter() - t0, "goal_met": False, "diverged": True}
     wall = time.perf_counter() - t0
     m = ev.metrics(loaded, idx, targets, goal)
-    return {**m, "steps": r.steps, "seconds": wall, "goal_met": r.goal_met, **{f"t_{k}": v for k, v in r.seconds.items()}}
+    return {**m, "steps": r.steps, "seconds": wall, "goal_met": r.goal_met, "adv_weight": r.adv_weight,
+            "retried": r.adv_weight < cfg.adv_weight_for(k),  # a run-away loss, retried at a smaller weight
+            **{f"t_{k}": v for k, v in r.seconds.items()}}
 
 
 def oracle_cell(ckpt, ev: Evaluator, dev, goal, k, seed, max_steps=500, lr=1e-4) -> dict:
@@ -191,6 +193,8 @@ def table(title: str, cells: dict, ks: list[int], before: dict, note: str) -> st
         met = sum(r["goal_met"] for r in runs)
         div = sum(bool(r.get("diverged")) for r in runs)
         flag = "" if met == len(runs) else f" goal met {met}/{len(runs)}" + (f", diverged (NaN) {div}/{len(runs)}" if div else "")
+        retried = sum(bool(r.get("retried")) for r in runs)
+        flag += f" weight halved after a run-away loss {retried}/{len(runs)}" if retried else ""
         lines.append(f"| {method} | {k} | {col('D_f')} | {col('D_r')} | {col('D_test')} | {col('mia_auc', False)} | "
                      f"{col('steps', False)} | {col('seconds', False)} | {phases(runs)} |{flag}")
     return "\n".join(lines) + "\n"
