@@ -299,10 +299,10 @@ def unlearn(
     losses: list[float] = []
     # Weights to go back to if the loss runs away (divergence_retries): two copies taken
     # checkpoint_every steps apart, and the older one is restored, so that it predates the run-up.
-    saved = saved_at = None
+    saved: list[tuple[int, list[torch.Tensor]]] | None = None  # (after which step, weights), older first
     if config.divergence_retries and adv_bs:
         first = [p.detach().clone() for p in params]
-        saved, saved_at = [first, first], [0, 0]
+        saved = [(0, first), (0, first)]
     retries = 0
     progress.start("updates", config.max_steps, unit="steps")
     try:
@@ -349,17 +349,19 @@ def unlearn(
             if idx is not None:
                 loss = loss + adv_weight * adversarial_loss(la, t_adv[idx], teacher[idx], config.adv_loss, config.kd_temperature)
             if not torch.isfinite(loss):
+                value = loss.item()
                 if saved is None or retries >= config.divergence_retries:
-                    raise NumericalError(f"the loss became {loss.item()} at step {steps}; nothing was written (try a smaller "
+                    raise NumericalError(f"the loss became {value} at step {steps}; nothing was written (try a smaller "
                                          f"--lr{' or --adv-weight' if idx is not None else ''})")
                 retries += 1
                 adv_weight /= 2
+                back_to, weights = saved[0]
                 with torch.no_grad():
-                    torch._foreach_copy_(params, saved[0])
-                saved[1], saved_at[1] = saved[0], saved_at[0]
+                    torch._foreach_copy_(params, weights)
+                saved[1] = saved[0]
                 opt.state.clear()  # the momentum carries the run-up
-                notes.append(f"step {steps}: the loss became {loss.item()}; went back to the weights after step "
-                             f"{saved_at[0]} and halved the adversarial term's weight to {adv_weight:g}")
+                notes.append(f"step {steps}: the loss became {value}; went back to the weights after step "
+                             f"{back_to} and halved the adversarial term's weight to {adv_weight:g}")
                 continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -370,9 +372,10 @@ def unlearn(
             opt.step()
             steps += 1
             if saved is not None and steps % config.checkpoint_every == 0:
-                older = saved[0] if saved[0] is not saved[1] else [torch.empty_like(p) for p in params]
-                torch._foreach_copy_(older, [p.detach() for p in params])
-                saved, saved_at = [saved[1], older], [saved_at[1], steps]
+                (_, older), (_, newer) = saved
+                into = older if older is not newer else [torch.empty_like(p) for p in params]
+                torch._foreach_copy_(into, [p.detach() for p in params])
+                saved = [saved[1], (steps, into)]
             losses.append(loss.detach())  # a tensor: no wait for the device every step
             progress.advance(1)
             # λ adaptation: the importance penalty can hold the weights so firmly that the goal
