@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluate import accuracy, predict
+
 
 def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as a (features, samples) matrix: one column per position and image."""
@@ -106,6 +108,11 @@ class GradientProjector:
                 support, m = _to_channels_last(layer.weight.shape, support, m)
             self.bases[layer] = (support, m.contiguous(), complement)
             self.kept[layer] = (r, d)
+
+    def agreement(self, model: nn.Module, images: torch.Tensor) -> float:
+        """Share of ``images`` (the ones this projector was built from) that ``model`` still
+        predicts as they were predicted then."""
+        return accuracy(predict(model, images.split(256), images.device), self.predictions)
 
     def project(self) -> None:
         """In place on ``.grad``: remove each weight gradient's part in the retained subspace."""

@@ -396,8 +396,7 @@ def unlearn(
     with torch.no_grad():
         final = model(images).float()
     goal_met = bool(goal_mask(final, targets, goal).all())
-    stand_in_agreement = (float((_logits(model, stand_ins).argmax(1).cpu() == projector.predictions).float().mean())
-                          if synthesising else None)
+    stand_in_agreement = projector.agreement(model, stand_ins) if synthesising else None
     seconds["updates"] = time.perf_counter() - t0
     return UnlearnResult(
         goal_met=goal_met, steps=steps, seconds=seconds, logits=final.cpu(),

@@ -307,8 +307,7 @@ def run_request(
         report["original"] = {"path": str(original), "sha256": first.source.sha256}
         report["config"]["original_sha256"] = first.source.sha256  # the ledger records the hash, not the path
     if projector is not None:
-        retain_after = predict(model, x_retain.split(256), dev).argmax(1)
-        report["retain"] = {"n_images": len(retained), "agreement": float((retain_after == projector.predictions).float().mean())}
+        report["retain"] = {"n_images": len(retained), "agreement": projector.agreement(model, x_retain)}
     if result.stand_in_agreement is not None:
         report["stand_ins"] = {"n_images": cfg.stand_ins(len(x_all)), "agreement": result.stand_in_agreement}
     for key, what in HELD_SETS:
