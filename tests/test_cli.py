@@ -187,8 +187,8 @@ def test_precision_option_reaches_the_attack(digits_checkpoint, forget_dir, tmp_
 
 # Two of the eight forget digits are 4s, so there are blends to distil as well as shifted copies.
 @pytest.mark.parametrize("option,values", [("--shift-copies", ("0", "8")), ("--mix-copies", ("0", "8")),
-                                           ("--adv-weight", ("1", "50"))])
-def test_anchor_options_reach_the_updates(option, values, digits_checkpoint, forget_dir, tmp_path):
+                                           ("--adv-weight", ("1", "50")), ("--margin", ("0", "1"))])
+def test_update_options_reach_the_report_and_the_weights(option, values, digits_checkpoint, forget_dir, tmp_path):
     from l2ul_cli.checkpoint import read_checkpoint
 
     key = option.removeprefix("--").replace("-", "_")
@@ -304,6 +304,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forge
     (["bogus"], "no such command 'bogus'"),
     (["eval", "x.safetensors", "--no-such-flag"], "no such option"),
     (["forget", "x.safetensors", "--images", ".", "--adv-weight", "-1"], "--adv-weight must not be negative"),
+    (["relabel", "x.safetensors", "--manifest", "m.csv", "--margin", "-0.5"], "--margin must not be negative"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, msg):
     r = run(*args)
