@@ -193,6 +193,8 @@ def run_request(
         if isinstance(value, (int, float)) and value < 0:  # a bool is never negative
             raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
     cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
+    if (unlearn_overrides or {}).get("margin") is not None and cfg.objective != "margin":
+        raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
     attack = attack or attack_preset(method, **(attack_overrides or {}))
     dev = resolve_device(device)
     ckpt = Path(checkpoint)

@@ -305,6 +305,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forge
     (["eval", "x.safetensors", "--no-such-flag"], "no such option"),
     (["forget", "x.safetensors", "--images", ".", "--adv-weight", "-1"], "--adv-weight must not be negative"),
     (["relabel", "x.safetensors", "--manifest", "m.csv", "--margin", "-0.5"], "--margin must not be negative"),
+    (["forget", "x.safetensors", "--images", ".", "--method", "adv", "--margin", "1"], "--margin shapes the bounded objective only"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, msg):
     r = run(*args)
