@@ -193,8 +193,14 @@ def run_request(
         if isinstance(value, (int, float)) and value < 0:  # a bool is never negative
             raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
     cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
-    if (unlearn_overrides or {}).get("margin") is not None and cfg.objective != "margin":
+    # Settings of a term the method does not have would be ignored: say so instead.
+    given = {k: v for k, v in (unlearn_overrides or {}).items() if v is not None}
+    if "margin" in given and cfg.objective != "margin":
         raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
+    for key in ("shift_copies", "mix_copies"):
+        if given.get(key) and cfg.adv_loss != "kd":
+            raise UsageError(f"--{key.replace('_', '-')} adds distillation anchors; {method} has adv-loss "
+                             f"{cfg.adv_loss} (add --adv-loss kd)")
     attack = attack or attack_preset(method, **(attack_overrides or {}))
     dev = resolve_device(device)
     ckpt = Path(checkpoint)

@@ -306,6 +306,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, digits_checkpoint, forge
     (["forget", "x.safetensors", "--images", ".", "--adv-weight", "-1"], "--adv-weight must not be negative"),
     (["relabel", "x.safetensors", "--manifest", "m.csv", "--margin", "-0.5"], "--margin must not be negative"),
     (["forget", "x.safetensors", "--images", ".", "--method", "adv", "--margin", "1"], "--margin shapes the bounded objective only"),
+    (["forget", "x.safetensors", "--images", ".", "--method", "adv+imp", "--shift-copies", "8"], "--shift-copies adds distillation anchors"),
+    (["forget", "x.safetensors", "--images", ".", "--adv-loss", "ce", "--mix-copies", "4"], "--mix-copies adds distillation anchors"),
 ])
 def test_usage_errors_are_one_line_exit_2(args, msg):
     r = run(*args)
