@@ -189,12 +189,12 @@ def run_request(
     allowed = FORGET_METHODS if goal == "forget" else RELABEL_METHODS
     if method not in allowed:
         raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
-    for key, value in (unlearn_overrides or {}).items():
+    given = {k: v for k, v in (unlearn_overrides or {}).items() if v is not None}
+    for key, value in given.items():
         if isinstance(value, (int, float)) and value < 0:  # a bool is never negative
             raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
-    cfg: UnlearnConfig = preset(method, **(unlearn_overrides or {}))
+    cfg: UnlearnConfig = preset(method, **given)
     # Settings of a term the method does not have would be ignored: say so instead.
-    given = {k: v for k, v in (unlearn_overrides or {}).items() if v is not None}
     if "margin" in given and cfg.objective != "margin":
         raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
     for key in ("shift_copies", "mix_copies"):
