@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from l2ul_cli.config import attack_preset, preset
+from l2ul_cli.config import attack_config, preset
 from l2ul_cli.datasets import FASHION_MNIST_CLASSES
 from l2ul_cli.models import load_model
 from l2ul_cli.unlearn import unlearn
@@ -68,7 +68,7 @@ def main() -> None:
     t0 = time.perf_counter()
     r = unlearn(model, xf, yf, goal="forget", num_classes=10, seed=args.seed,
                 config=preset("l2ul", max_steps=args.max_steps, synthetic_retain=args.synthetic_retain),
-                attack=attack_preset("l2ul", n_adv=args.n_adv, steps=args.attack_steps))
+                attack=attack_config(n_adv=args.n_adv, steps=args.attack_steps))
     p1, _ = outputs(model, xte)
     pf1, _ = outputs(model, xf)
     acc0, acc1 = (p0 == yte).float().mean() * 100, (p1 == yte).float().mean() * 100

@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, split_settings, train_resnet18  # noqa: E402
 
 from l2ul_cli.checkpoint import read_checkpoint  # noqa: E402
-from l2ul_cli.config import attack_preset, preset  # noqa: E402
+from l2ul_cli.config import attack_config, resolve  # noqa: E402
 from l2ul_cli.datasets import FASHION_MNIST_CLASSES  # noqa: E402
 from l2ul_cli.evaluate import accuracy, predict  # noqa: E402
 from l2ul_cli.errors import NumericalError  # noqa: E402
 from l2ul_cli.precision import PRECISIONS  # noqa: E402
-from l2ul_cli.unlearn import objective_loss, unlearn  # noqa: E402
+from l2ul_cli.objectives import objective_loss  # noqa: E402
+from l2ul_cli.unlearn import unlearn  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -77,8 +78,8 @@ def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack_over: dict,
     x, y = ev.x[idx].to(dev), ev.y[idx]
     targets = new_labels(y, seed) if goal == "relabel" else y
     method, overrides, attack_over = parse_variant(method, overrides, attack_over)
-    cfg = preset(method, **overrides)
-    attack = attack_preset(method, **attack_over)
+    cfg = resolve(method, goal, **overrides)  # the CLI's checks of option combinations
+    attack = attack_config(**attack_over)
     t0 = time.perf_counter()
     try:
         r = unlearn(loaded.model, x, targets.to(dev), goal=goal, num_classes=10, config=cfg, attack=attack,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from l2ul_cli.config import attack_preset, preset
+from l2ul_cli.config import attack_config, resolve
 from l2ul_cli.datasets import load_fashion_mnist
 from l2ul_cli.errors import NumericalError
 from l2ul_cli.evaluate import accuracy, predict
@@ -33,7 +33,8 @@ from l2ul_cli.models import load_model
 from l2ul_cli.precision import choose
 from l2ul_cli.projection import GradientProjector
 from l2ul_cli.synthesis import invert_batchnorm
-from l2ul_cli.unlearn import shifted_copies, unlearn
+from l2ul_cli.anchors import shifted_copies
+from l2ul_cli.unlearn import unlearn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import split_settings  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> None:
     for v in args.variants:
         method, unl, att, real, precision = parse(v)
         model = load_model(args.checkpoint, None, device=dev).model
-        cfg = preset(method, **unl)  # as the CLI: an explicit count or lr is taken as given
+        cfg = resolve(method, "forget", **unl)  # as the CLI: an explicit count or lr is taken as given
         synth_s = 0.0
         projector = None
         if real:
@@ -107,7 +108,7 @@ def main() -> None:
                                                   autocast_dtype=choose(model, tuple(xf.shape[1:]), dev, precision)[0])
                 synth_s = time.perf_counter() - t0
             projector = GradientProjector(model, stand_ins[key], energy=cfg.retain_energy)
-        attack = attack_preset(method, **{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
+        attack = attack_config(**{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
         t0 = time.perf_counter()
         try:
             r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg,

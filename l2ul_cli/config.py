@@ -1,37 +1,57 @@
-"""Settings of each phase as frozen dataclasses: one source of truth for defaults, which the
-CLI, the report and the benchmarks all read.
+"""Settings of each phase as frozen dataclasses: the one source of truth for every option.
 
-The paper's methods are presets (:data:`METHODS`); every field can still be set on its own.
+A field's default, type and help (its ``metadata``, made by :func:`cli_option`) are read by the
+CLI to build its options and their ``[default: …]`` help, by ``--config`` for its keys, and by
+the report for its ``config``. The paper's methods and this tool's own are presets
+(:data:`METHODS`) over :class:`UnlearnConfig`; :func:`resolve` applies one with a user's
+overrides and refuses combinations that would be silently ignored. The measurements behind
+each default live in benchmarks/RESULTS.md, under the section named beside it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
+
+from .errors import UsageError
 
 Goal = Literal["forget", "relabel"]
 BNMode = Literal["eval", "train"]
 Objective = Literal["ce", "margin"]
 AdvLoss = Literal["none", "ce", "kd"]
 
+# Help panels of ``forget --help`` / ``relabel --help``, in order.
+PANELS = ("Inputs & outputs", "Method", "Attack", "Retention", "Continual", "Reports", "Advanced")
+
+
+def cli_option(help: str, *, flag: str | None = None, panel: str = "Advanced", default_help: str | None = None) -> dict[str, Any]:
+    """Field metadata that makes a config field a command-line option (``--field-name`` unless
+    ``flag``); ``default_help`` replaces the ``[default: …]`` derived from the presets."""
+    return {"cli": {"help": help, "flag": flag, "panel": panel, "default_help": default_help}}
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata=cli_option(help, **kw))
+
 
 @dataclass(frozen=True)
 class AttackConfig:
     """Targeted L2-PGD on the forget images (Algorithm 1)."""
 
-    n_adv: int = 20  # copies per forget image (paper: 20 on CIFAR-10)
-    # L2 radius in [0, 1] pixel space. None: eps_at_28x28 at Fashion-MNIST's 28x28x1, scaled with
-    # the square root of the image size (same per-pixel RMS), e.g. 1.98 at 32x32x3 for 1.0.
-    eps: float | None = None
+    n_adv: int = _opt(20, "Adversarial copies per image.", panel="Attack")  # paper: 20 on CIFAR-10
+    # None: eps_at_28x28 at Fashion-MNIST's 28x28x1, scaled with the square root of the image
+    # size (same per-pixel RMS), e.g. 1.98 at 32x32x3 for 1.0.
+    eps: float | None = _opt(None, "L2 radius of the attack in [0,1] pixel space.", panel="Attack",
+                             default_help="1.0 at 28x28x1, scaled with sqrt(image size)")
     eps_at_28x28: float = 1.0  # the reference code uses 1-5 on CIFAR
-    step_size: float = 0.1  # paper: attack learning rate 1e-1
-    steps: int = 100  # paper: 100 iterations
+    step_size: float = _opt(0.1, "PGD step length (L2).", flag="--attack-step-size", panel="Attack")  # paper: 1e-1
+    steps: int = _opt(100, "PGD iterations.", flag="--attack-steps", panel="Attack")  # paper: 100
     random_start: bool = True
-    per_copy_targets: bool = False  # Algorithm 1: one target per image
+    per_copy_targets: bool = _opt(False, "Draw an attack target for every copy (Algorithm 1 draws one per image).",
+                                  panel="Attack")
     batch_size: int = 0  # rows per attack chunk (0: chunk_rows picks); halves on CUDA out-of-memory
     cuda_graph: bool = False  # replay each chunk's PGD step as a CUDA graph (CUDA only)
-
     def radius(self, image_shape: tuple[int, ...]) -> float:
         """The L2 radius for images of ``image_shape`` (C, H, W)."""
         return resolve_eps(self.eps, image_shape, self.eps_at_28x28)
@@ -59,27 +79,26 @@ def resolve_eps(eps: float | None, image_shape: tuple[int, ...], at_28x28: float
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    """The update loop: objective, regularisers, optimiser and stop rule."""
+    """The update loop: objective, regularisers, optimiser and stop rule. A field with CLI
+    metadata is an option whose default is the method's preset (:data:`METHODS`)."""
 
-    objective: Objective = "ce"  # ce: −CE (forget) / CE (relabel), the paper's; margin: bounded
-    adv_loss: AdvLoss = "ce"  # none: no adversarial term; ce: CE to attack targets (Eq. 6); kd: match the original model
+    objective: Objective = _opt("ce", "Objective on the forget images: ce (the paper's) or margin (bounded).", panel="Method")
+    adv_loss: AdvLoss = _opt("ce", "Adversarial term: none, ce (the paper's: CE to the attack targets) or kd "
+                             "(distil the original model).", panel="Method")
     importance: bool = True  # the MAS penalty of Eq. 7
-    # Measure the importance on the images of earlier requests too (--keep), not only on this
-    # request's. Off since 2026-11-26 (benchmarks/RESULTS.md, "The continual stream"): those
-    # images are forgotten already, and counting them frees the weights that matter for them at
-    # every later request. On one draw's stream of 16 requests of 8, off kept 0.2-0.8 points more
-    # test accuracy after every request from the third (+0.4 after the last); on a second draw,
-    # to 64 images, the same within 0.1.
+    # Measure the importance on the images of earlier requests too (--keep); RESULTS.md "The
+    # continual stream": off kept 0.2-0.8 points more after every request from the third.
     keep_importance: bool = False
-    lam: float = 1.0  # λ of the importance penalty
-    lr: float = 1e-3
+    lam: float = _opt(1.0, "λ of the importance penalty.", panel="Method")
+    lr: float = _opt(1e-3, "SGD learning rate of the update steps, projected or not.", panel="Method")
     momentum: float = 0.9
     weight_decay: float = 1e-5
-    max_steps: int = 500
-    bn: BNMode = "eval"  # eval: BatchNorm statistics frozen; train: as the reference code
-    margin: float = 1.0  # logit margin of the bounded objective
+    max_steps: int = _opt(500, "Step cap.", panel="Method")
+    bn: BNMode = _opt("eval", "BatchNorm during updates: eval (frozen) or train (as the reference code).", panel="Advanced")
+    margin: float = _opt(1.0, "Logit margin past its goal to which the bounded objective pushes each image "
+                         "(RESULTS.md \"Why the loop waits\").", panel="Advanced")
     kd_temperature: float = 1.0
-    adv_weight: float = 1.0  # weight of the adversarial term (paper: 1)
+    adv_weight: float = _opt(1.0, "Weight of the adversarial term against the objective.", panel="Method")  # paper: 1
     # A heavier distillation for more forget images (adv_weight_for()): past adv_weight_images
     # images, this much per image, at least adv_weight, at most adv_weight_max.
     adv_weight_images: int = 0
@@ -90,29 +109,19 @@ class UnlearnConfig:
     # with an error, as the paper's methods do when −CE runs away).
     divergence_retries: int = 0
     checkpoint_every: int = 25
-    noise_copies: int = 0  # extra anchors per image: random-direction copies at noise_radius (kd only)
-    noise_radius: float = 3.0  # in units of the attack's ε
-    shift_copies: int = 0  # extra anchors per image: shifted copies (kd only)
+    shift_copies: int = _opt(0, "Copies of each image shifted by 1-2 pixels (at 28x28) kept at the original "
+                             "model's outputs (with --adv-loss kd), so the change stays on the image.", panel="Retention")
     # Largest shift in pixels; None: 2 at 28x28, scaled with the shorter image side (16 at 224).
     shift_pixels: int | None = None
-    # Extra anchors per image: blends with another image of the same class (weights 0.3-0.7;
-    # none for an image alone in its class), kd only.
-    mix_copies: int = 0
+    mix_copies: int = _opt(0, "Blends of each image with another of its class kept at the original model's "
+                           "outputs (with --adv-loss kd), so the class keeps its place.", panel="Retention")
     adv_batch_size: int = 256  # adversarial rows per update step
     adapt_lambda: bool = True  # halve λ when progress stalls, so the goal is reached (relabel)
     stall_steps: int = 50
-    # Steps to go on after the goal first holds (then stop where it holds again; at max_steps, the
-    # last weights where it held): the forget term is then zero on every image that stays met,
-    # so the anchors' distillation and the penalty pull the model back towards the original
-    # wherever the goal allows. 0 (the paper's stop) for every method: 100 steps kept 0.0-0.4
-    # more points of test accuracy (k = 64: +0.13 over 3 draws) for 13-80 % more update steps
-    # (benchmarks/RESULTS.md, "Polishing").
-    polish_steps: int = 0
     # Projected updates (projection.py): from --retain images, else from synthetic_retain images
-    # made from the model's BatchNorm statistics (synthesis.py; 0: no projection). retain_energy
-    # is the share of their input energy per layer that updates must not touch; projected_lr
-    # the learning rate then (None: lr), as projected gradients are much smaller.
-    synthetic_retain: int = 0
+    # made from the model's BatchNorm statistics (synthesis.py; 0: no projection).
+    synthetic_retain: int = _opt(0, "Without --retain: stand-in images made from the model's BatchNorm "
+                                 "statistics to keep updates orthogonal to; 0: no projection.", panel="Retention")
     # More stand-ins for more forget images (stand_ins()): this many per image, up to
     # synthetic_retain_max. The deepest layers of a small image see one input column per image,
     # so 256 stand-ins span at most 256 of ResNet-18's 512 input directions there.
@@ -120,11 +129,11 @@ class UnlearnConfig:
     synthetic_retain_max: int = 0
     synthetic_steps: int = 200
     synthetic_lr: float = 0.1  # Adam's step on the stand-ins' pixel logits
-    # 0.995 since 2026-11-25 (benchmarks/RESULTS.md): against 0.97 it kept 0.4-1.2 more points of
-    # test accuracy at k = 4 and 16 (forget and relabel, 2 seeds) and 2 more after four continual
-    # requests, for about 25-40 % more update steps.
-    retain_energy: float = 0.995
-    projected_lr: float | None = None
+    # Share of the retained images' input energy per layer that updates must not touch
+    # (RESULTS.md "Projected updates": 0.995 kept 0.4-1.2 more points than 0.97).
+    retain_energy: float = _opt(0.995, "Share of the retained images' input energy per layer that updates "
+                                "must not touch.", panel="Retention")
+    projected_lr: float | None = None  # the learning rate of projected updates (None: lr)
 
     def stand_ins(self, k: int) -> int:
         """How many stand-in images to make for ``k`` forget images."""
@@ -143,85 +152,97 @@ class UnlearnConfig:
         return max(1, round(2 * min(int(image_shape[-2]), int(image_shape[-1])) / 28))
 
 
-# The paper's methods, by the names used in its tables. "l2ul" is this tool's own preset
-# (bounded objective + distillation on the adversarial copies); see README "Methods".
+# The paper's methods, by the names used in its tables, and this tool's own ("l2ul": bounded
+# objective, distillation on the adversarial copies and on shifted copies and blends, updates
+# projected away from stand-ins). Each l2ul value's measurement is in benchmarks/RESULTS.md:
+# "Projected updates", "Adversarial rows per step", "More stand-ins for more images", "A
+# distillation weight that grows with the forget images", "The 20-epoch model on a CPU"
+# (divergence retries), "Shifted copies", "Blends".
 METHODS: dict[str, dict[str, Any]] = {
     "neggrad": {"objective": "ce", "adv_loss": "none", "importance": False},
     "correct": {"objective": "ce", "adv_loss": "none", "importance": False},
     "adv": {"objective": "ce", "adv_loss": "ce", "importance": False},
     "adv+imp": {"objective": "ce", "adv_loss": "ce", "importance": True},
-    # Chosen on the Fashion-MNIST ResNet-18 benchmark (benchmarks/RESULTS.md): at k = 16 it kept
-    # 80.6 ± 3.2 % test accuracy (from 89.0) where ADV+IMP with the paper's settings fell to 10 %
-    # or diverged. Seed-0 sweep: lr 1e-3 51.7%, lr 1e-4 57.0%, adv_weight 10 72.8%, margin 0 79.7%.
-    # Projection (2026-11-25, benchmarks/RESULTS.md "Projected updates"): with 256 stand-in images
-    # from BatchNorm statistics the example model kept 85.7 % on average over 3 seeds (k = 8) where
-    # the unprojected l2ul kept 73.2 %, and the ResNet-18 at k = 16 84.9 % instead of 78.7 %.
-    # Adversarial rows per step 64 instead of 256 (2026-11-25, CLI attack settings N_adv 20, T 100,
-    # quality.py, 2 seeds): the same D_test within 0.2 points at k = 4 and 16, forget and relabel,
-    # and 13-28 % less time end to end at k = 16. A smaller projected lr (3e-3, 1e-3) did not help.
     "l2ul": {"objective": "margin", "margin": 0.0, "adv_loss": "kd", "adv_weight": 10.0, "importance": True, "lr": 1e-4,
              "projected_lr": 1e-2, "synthetic_retain": 256, "adv_batch_size": 64,
-             # 8 stand-ins per forget image past k = 32, up to 512 (2026-11-26, RESULTS.md "More
-             # stand-ins for more images"): at k = 128 forget kept 86.3 % on average over 3 seeds
-             # instead of 85.3 (every seed better), about as much as 2,000 real --retain images;
-             # at k = 64 87.3 instead of 86.9. Relabelling: the same at both k.
              "synthetic_per_image": 8, "synthetic_retain_max": 512,
-             # The distillation weight grows with the forget images: 10 up to 16 images, then 0.8
-             # per image, at most 100 (from 125). 2026-11-27, RESULTS.md "A distillation weight
-             # that grows with the forget images", 3 draws each: at k = 64 (51.2) forget kept
-             # 87.9 % instead of 87.3 and relabel 87.9 instead of 86.9; at k = 128 (100) 87.1
-             # instead of 86.3 and 87.3 instead of 85.4 (every draw better). At k = 16, 12.8
-             # changed nothing but took 49 % more update steps to forget; at k = 4, 100 diverged.
              "adv_weight_images": 16, "adv_weight_per_image": 0.8, "adv_weight_max": 100.0,
-             # On the 20-epoch model (92.60 %) weight 100 diverged on 2 of 6 draws at k = 128, the
-             # loss running away within 5 steps, at steps 620 and 848 (2026-11-27, RESULTS.md "The
-             # 20-epoch model on a CPU"). Going back 45-48 steps at weight 50 met both goals with
-             # 92.06 and 90.86 % test accuracy.
-             "divergence_retries": 3,
-             # Projected steps are small: forgetting 64 images took 582 steps (RESULTS.md), past 500.
-             "max_steps": 2000,
-             # 8 copies of each image shifted by 1-2 pixels distilled like the adversarial ones
-             # (2026-11-26, RESULTS.md "Shifted copies"): at k = 64 the class of the forget images
-             # no longer moves with them; on all test images, 2 seeds, forget kept 85.3/87.0 %
-             # instead of 80.3/84.5 and relabel 86.3/87.7 instead of 78.4/80.4.
-             "shift_copies": 8,
-             # 8 blends of each image with another image of its class, distilled likewise
-             # (2026-11-26, RESULTS.md "Blends"): at k = 64 forget kept 86.9 % on average over 3
-             # seeds instead of 86.1 (each seed as well or better), relabel 86.8 instead of 86.6;
-             # in the continual stream of 16 requests of 8, 81.3 % after the last instead of 77.4
-             # (one draw, "Continual to 128 with the blends"). 16 blends: no better (2026-11-26).
-             "mix_copies": 8},
+             "divergence_retries": 3, "max_steps": 2000, "shift_copies": 8, "mix_copies": 8},
 }
-# Attack settings that belong to a method (AttackConfig fields). Empty for now: ε 0.5 with noise
-# anchors for l2ul looked better on one seed of the example model and worse on two others
-# (benchmarks/RESULTS.md, "Variants tried"), so every method uses the AttackConfig defaults.
-ATTACK_PRESETS: dict[str, dict[str, Any]] = {}
-FORGET_METHODS = ("neggrad", "adv", "adv+imp", "l2ul")
-RELABEL_METHODS = ("correct", "adv", "adv+imp", "l2ul")
 DEFAULT_METHOD = "l2ul"
 
 
-def attack_preset(method: str, **overrides: Any) -> AttackConfig:
-    """AttackConfig for a method name, with explicit overrides (None values ignored)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    cfg = replace(AttackConfig(), **ATTACK_PRESETS.get(method, {}))
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+def attack_config(**overrides: Any) -> AttackConfig:
+    """AttackConfig with explicit overrides (None values ignored): every method attacks alike."""
+    return replace(AttackConfig(), **{k: v for k, v in overrides.items() if v is not None})
 
 
 def preset(method: str, base: UnlearnConfig | None = None, **overrides: Any) -> UnlearnConfig:
     """UnlearnConfig for a method name, with explicit overrides (None values ignored).
 
     An explicit ``lr`` is the learning rate of every update step, projected or not: it clears the
-    method's ``projected_lr`` unless that is overridden too."""
+    method's ``projected_lr`` unless that is overridden too; likewise an explicit stand-in count
+    or distillation weight holds at every k."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     cfg = replace(base or UnlearnConfig(), **METHODS[method])
     given = {k: v for k, v in overrides.items() if v is not None}
     if "lr" in given:
         given.setdefault("projected_lr", None)
-    if "synthetic_retain" in given:  # an explicit count is the count, whatever k
+    if "synthetic_retain" in given:
         given.setdefault("synthetic_per_image", 0)
-    if "adv_weight" in given:  # likewise an explicit weight
+    if "adv_weight" in given:
         given.setdefault("adv_weight_per_image", 0.0)
     return replace(cfg, **given)
+
+
+def resolve(method: str, goal: str, **overrides: Any) -> UnlearnConfig:
+    """The method's preset with the user's overrides, refusing what would be silently ignored:
+    a method of the other goal, negative settings, and settings of a term the method lacks."""
+    from .goals import goal_named
+
+    allowed = goal_named(goal).methods
+    if method not in allowed:
+        raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
+    cfg = preset(method, **given)
+    if "margin" in given and cfg.objective != "margin":
+        raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
+    for key in ("shift_copies", "mix_copies"):
+        if given.get(key) and cfg.adv_loss != "kd":
+            raise UsageError(f"--{key.replace('_', '-')} adds distillation anchors; {method} has adv-loss "
+                             f"{cfg.adv_loss} (add --adv-loss kd)")
+    return cfg
+
+
+def cli_fields(cls: type) -> list[Any]:
+    """The fields of a config dataclass that are command-line options, in declaration order."""
+    return [f for f in fields(cls) if "cli" in f.metadata]
+
+
+def default_text(name: str) -> str:
+    """The ``[default: …]`` of an UnlearnConfig option, from the presets: the methods grouped by
+    the value they use."""
+    by_value: dict[str, list[str]] = {}
+    for method in METHODS:
+        cfg = preset(method)
+        value = _effective(cfg, name)
+        by_value.setdefault(value, []).append(method)
+    if len(by_value) == 1:
+        return next(iter(by_value))
+    return "; ".join(f"{v} for {', '.join(ms)}" for v, ms in by_value.items())
+
+
+def _effective(cfg: UnlearnConfig, name: str) -> str:
+    if name == "lr" and cfg.projected_lr is not None:
+        return f"{cfg.projected_lr:g} projected, {cfg.lr:g} not"
+    if name == "adv_weight" and cfg.adv_weight_per_image:
+        return (f"{cfg.adv_weight:g} up to {cfg.adv_weight_images} images, then {cfg.adv_weight_per_image:g} "
+                f"per image up to {cfg.adv_weight_max:g}")
+    if name == "synthetic_retain" and cfg.synthetic_per_image:
+        return f"{cfg.synthetic_per_image} per image, {cfg.synthetic_retain}-{cfg.synthetic_retain_max}"
+    value = getattr(cfg, name)
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -16,12 +16,13 @@ from torch import nn
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Logits (fp32, CPU) of every image, in eval mode, batch by batch."""
+def predict(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str,
+            out: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits (fp32, on ``out``) of every image, in eval mode, batch by batch."""
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(b.to(device)).float().cpu() for b in batches])
+        return torch.cat([model(b.to(device)).float().to(out) for b in batches])
     finally:
         model.train(was)
 

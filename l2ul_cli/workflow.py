@@ -10,23 +10,23 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .checkpoint import write_checkpoint
-from .config import DEFAULT_METHOD, attack_preset, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
+from .config import DEFAULT_METHOD, AttackConfig, UnlearnConfig, attack_config, resolve
 from .data import Sample, load_images, outside_note, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
+from .goals import Goal, goal_named
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
 from .precision import Precision
-from .projection import GradientProjector
 from .report import HELD_SETS, write_json
-from .unlearn import NullProgress, Progress, unlearn
+from .unlearn import ImageSet, NullProgress, Progress, UnlearnResult, unlearn
 
 # Below this share of the projected-on images (--retain or stand-ins) keeping their prediction, the
 # report warns. A sound run keeps nearly all: 99.6-100 % of the stand-ins on the ResNet-18 benchmark
@@ -115,12 +115,12 @@ def _original(path: Path, loaded: LoadedModel, load_kw: dict[str, Any]) -> tuple
     return first, note
 
 
-def _keep_samples(loaded: LoadedModel, keep: Sequence[str | os.PathLike], goal: str) -> list[Sample]:
+def _keep_samples(loaded: LoadedModel, keep: Sequence[str | os.PathLike], goal: Goal) -> list[Sample]:
     """Images of earlier requests (folders or CSVs) that must stay forgotten / relabelled."""
     out: list[Sample] = []
     for item in keep:
-        got = _folder_or_manifest(loaded, item, require_new_label=goal == "relabel")
-        if goal == "forget":
+        got = _folder_or_manifest(loaded, item, require_new_label=not goal.away)
+        if goal.away:  # what to move away from must be known, not guessed from the predictions
             _labelled(got, "--keep")
         out.extend(got)
     return out
@@ -143,8 +143,31 @@ def _image_rows(loaded: LoadedModel, samples: Sequence[Sample], labels: torch.Te
     return rows
 
 
+@dataclass
+class _Request:
+    """What a request's inputs resolve to, before any update."""
+
+    goal: Goal
+    config: UnlearnConfig
+    attack: AttackConfig
+    device: torch.device
+    checkpoint: Path
+    out: Path
+    loaded: LoadedModel
+    samples: list[Sample]
+    kept: list[Sample]
+    retained: list[Sample]
+    new: ImageSet
+    keep: ImageSet | None
+    retain: torch.Tensor | None
+    first: LoadedModel | None
+    original: str | None  # --original as given
+    broken: str | None  # why the input's ledger cannot be continued (checked before any update)
+    notes: list[str]
+
+
 def run_request(
-    goal: Goal,
+    goal: str,
     checkpoint: str | os.PathLike,
     *,
     images: str | os.PathLike | None = None,
@@ -176,7 +199,7 @@ def run_request(
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
 
     ``retain``: folders or CSVs of other images from the same domain (no labels needed); every
-    update is then kept orthogonal to what the layers see on them (:mod:`.projection`).
+    update is then kept orthogonal to what the layers see on them (:mod:`.retention`).
     ``original``: the checkpoint before a stream's first request; with ``keep``, each request
     then distils towards it and anchors the importance penalty at it (:func:`.unlearn.unlearn`).
 
@@ -184,180 +207,164 @@ def run_request(
     checkpoint only with ``allow_partial``) when the step cap is hit first.
     """
     t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-    progress = progress or NullProgress()
-    allowed = FORGET_METHODS if goal == "forget" else RELABEL_METHODS
-    if method not in allowed:
-        raise UsageError(f"--method must be one of {', '.join(allowed)} for {goal} (got '{method}')")
-    given = {k: v for k, v in (unlearn_overrides or {}).items() if v is not None}
-    for key, value in given.items():
-        if isinstance(value, (int, float)) and value < 0:  # a bool is never negative
-            raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
-    cfg: UnlearnConfig = preset(method, **given)
-    # Settings of a term the method does not have would be ignored: say so instead.
-    if "margin" in given and cfg.objective != "margin":
-        raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
-    for key in ("shift_copies", "mix_copies"):
-        if given.get(key) and cfg.adv_loss != "kd":
-            raise UsageError(f"--{key.replace('_', '-')} adds distillation anchors; {method} has adv-loss "
-                             f"{cfg.adv_loss} (add --adv-loss kd)")
-    attack = attack or attack_preset(method, **(attack_overrides or {}))
-    dev = resolve_device(device)
-    ckpt = Path(checkpoint)
-
     t0 = time.perf_counter()
-    loaded = load_model(ckpt, arch, input_size=input_size, mean=mean, std=std, device=dev)
-    out_path = Path(out) if out is not None else default_output(ckpt, goal)
-    check_output(out_path, ckpt, force)
-    if report_path is not None:
-        check_output(Path(report_path), ckpt, True, "report")
-    first, first_note = None, None
-    if original is not None:
-        check_output(out_path, Path(original), force)
-        first, first_note = _original(Path(original), loaded, dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev))
-    samples = load_samples(loaded, images, manifest, require_new_label=goal == "relabel")
-    x = load_images(samples, loaded.preprocessing).to(dev)
-    kept = _keep_samples(loaded, keep, goal)
-    x_keep = load_images(kept, loaded.preprocessing).to(dev) if kept else None
-    retained = _retain_samples(loaded, retain)
-    x_retain = load_images(retained, loaded.preprocessing).to(dev) if retained else None
-    seconds["load"] = time.perf_counter() - t0
-
-    broken = continuity(loaded.ledger, loaded.state_dict()) if loaded.ledger or loaded.source.meta.get("_unparsable") else None
-    if loaded.source.meta.get("_unparsable"):
-        broken = "the checkpoint's l2ul metadata does not parse; a new ledger starts here"
-    model = loaded.model
-    before_logits = predict(model, [x], dev)
-    before_pred = before_logits.argmax(1)
-    labels = torch.tensor([s.label if s.label is not None else int(before_pred[i]) for i, s in enumerate(samples)])
+    req = _prepare(goal, checkpoint, images=images, manifest=manifest, arch=arch, out=out, report_path=report_path,
+                   method=method, device=device, force=force, input_size=input_size, mean=mean, std=std,
+                   attack=attack or attack_config(**(attack_overrides or {})), overrides=unlearn_overrides or {},
+                   keep=keep, retain=retain, original=original)
+    seconds = {"load": time.perf_counter() - t0}
+    model, dev, loaded = req.loaded.model, req.device, req.loaded
+    before_logits = predict(model, [req.new.images], dev)
+    keep_before = predict(model, [req.keep.images], dev) if req.keep is not None else None
     # With --eval, a forget request also gets the membership-inference check before and after.
-    mia_set = [replace(s, label=int(labels[i])) for i, s in enumerate(samples)] if goal == "forget" else None
-    eval_before = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded,
+    mia_set = [replace(s, label=int(req.new.labels[i])) for i, s in enumerate(req.samples)] if req.goal.away else None
+    eval_before = evaluate_checkpoint(req.checkpoint, images=eval_images, device=str(dev), loaded=loaded,
                                       forget_set=mia_set) if eval_images else None
-    new = None
-    if goal == "relabel":
-        new = torch.tensor([s.new_label for s in samples])
-        same = [s.source for i, s in enumerate(samples) if s.label is None and int(before_pred[i]) == s.new_label]
-        targets = new
-        before_key = "relabel_accuracy"
-        before_value = accuracy(before_logits, new)
-    else:
-        targets = labels
-        before_key = "forget_accuracy"
-        before_value = accuracy(before_logits, labels)
-
-    n = len(samples)
-    x_all, t_all, a_all = x, targets, labels
-    if kept:
-        # Earlier requests' images join the goal check and the regularisers, so this request
-        # cannot make the model remember them again.
-        k_pred = predict(model, [x_keep], dev)
-        k_labels = torch.tensor([s.label if s.label is not None else int(k_pred[i].argmax()) for i, s in enumerate(kept)])
-        k_targets = torch.tensor([s.new_label for s in kept]) if goal == "relabel" else k_labels
-        x_all = torch.cat([x, x_keep])
-        t_all, a_all = torch.cat([targets, k_targets]), torch.cat([labels, k_labels])
-        keep_before = accuracy(k_pred, k_targets)
-    projector = None
-    if x_retain is not None:
-        t0 = time.perf_counter()
-        projector = GradientProjector(model, x_retain, energy=cfg.retain_energy)
-        projector.source = f"{len(retained)} --retain images"
-        seconds["retain"] = time.perf_counter() - t0
     result = unlearn(
-        model, x_all, t_all.to(dev), goal=goal, num_classes=loaded.num_classes, config=cfg, attack=attack,
-        attack_labels=a_all.to(dev), seed=seed, precision=precision, progress=progress, projector=projector,
-        kept=len(kept), original=first.model if first is not None else None,
+        model, req.new.images, req.new.targets.to(dev), goal=req.goal, num_classes=loaded.num_classes, config=req.config,
+        attack=req.attack, attack_labels=req.new.labels.to(dev), seed=seed, precision=precision,
+        progress=progress or NullProgress(), retain=req.retain, keep=req.keep,
+        original=req.first.model if req.first is not None else None,
     )
     seconds.update(result.seconds)
-    all_logits = result.logits
-    result.logits = all_logits[:n]
-    after_pred = result.logits.argmax(1)
-    after_value = accuracy(result.logits, targets)
-
-    notes = list(result.notes)
-    if first_note:
-        notes.append(first_note)
-    if broken:
-        notes.append(f"warning: {broken}; the ledger starts a new segment")
-    if loaded.ledger and not kept:
-        notes.append(f"{len(loaded.ledger)} earlier request(s) in the ledger were not re-checked (pass their images with --keep)")
-    if outside := outside_note(samples + kept + retained):
-        notes.append(outside)
-    if goal == "relabel" and same:
-        notes.append(f"{len(same)} image(s) were already predicted as their new label before the run")
-    report: dict[str, Any] = {
-        "command": goal,
-        "goal_met": result.goal_met,
-        "method": method,
-        "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        "seed": seed,
-        "precision": result.precision,
-        "arch": loaded.arch,
-        "n_images": len(samples),
-        "before": {before_key: before_value},
-        "after": {before_key: after_value},
-        "steps": result.steps,
-        "seconds": seconds,
-        "input": str(ckpt),
-        "input_sha256": loaded.source.sha256,
-        "output": None,
-        "output_sha256": None,
-        "adv_attack_success": result.adv_attack_success,
-        "lambda_final": result.lam_final,
-        "config": {"attack": {**asdict(attack), "eps": attack.radius(tuple(x.shape[1:])),
-                              "batch_size": attack.chunk_rows(tuple(x.shape[1:]), x.device.type)},
-                   "unlearn": {**asdict(cfg), "adv_weight": result.adv_weight}},
-        "images": _image_rows(loaded, samples, labels, before_pred, after_pred, new),
-        "notes": notes,
-    }
-    report["projection"] = result.projection
-    if first is not None:
-        report["original"] = {"path": str(original), "sha256": first.source.sha256}
-        report["config"]["original_sha256"] = first.source.sha256  # the ledger records the hash, not the path
-    if projector is not None:
-        report["retain"] = {"n_images": len(retained), "agreement": projector.agreement(model, x_retain)}
-    if result.stand_in_agreement is not None:
-        report["stand_ins"] = {"n_images": cfg.stand_ins(len(x_all)), "agreement": result.stand_in_agreement}
-    for key, what in HELD_SETS:
-        if key in report and report[key]["agreement"] < HELD_AGREEMENT:
-            notes.append(f"warning: only {report[key]['agreement']:.1%} of the {what} keep their prediction although the "
-                         "projection holds them: accuracy elsewhere has probably dropped (measure it with --eval)")
-    if options is not None:
-        report["options"] = options  # as resolved from flags, --config and defaults
-    if kept:
-        key = "forget_accuracy" if goal == "forget" else "relabel_accuracy"
-        report["keep"] = {"n_images": len(kept), "before": {key: keep_before},
-                          "after": {key: accuracy(all_logits[n:], t_all[n:])}}
+    report = _report(req, result, method=method, seed=seed, before_logits=before_logits, keep_before=keep_before)
     if eval_before is not None:
-        eval_after = evaluate_checkpoint(ckpt, images=eval_images, device=str(dev), loaded=loaded, forget_set=mia_set)
+        eval_after = evaluate_checkpoint(req.checkpoint, images=eval_images, device=str(dev), loaded=loaded, forget_set=mia_set)
         report["eval"] = {"images": str(eval_images), "before": eval_before, "after": eval_after}
         report["before"]["accuracy"] = eval_before["accuracy"]
         report["after"]["accuracy"] = eval_after["accuracy"]
-    # Both commands report accuracy against the current labels (the forget report's keys).
-    report["before"]["forget_accuracy"] = accuracy(before_logits, labels)
-    report["after"]["forget_accuracy"] = accuracy(result.logits, labels)
-    write_it = result.goal_met or allow_partial
-    if write_it:
+    if options is not None:
+        report["options"] = options  # as resolved from flags, --config and defaults
+    report["seconds"] = seconds
+    if result.goal_met or allow_partial:
         t0 = time.perf_counter()
-        loaded.ledger.append(make_entry(
-            command=goal, method=method, settings=report["config"], samples=samples, before=report["before"],
-            after=report["after"], goal_met=result.goal_met, input_sha256=loaded.source.sha256,
-            output_weights=loaded.state_dict(), request_id=request_id, record_paths=record_paths,
-            new_segment=broken,
-        ))
-        meta = loaded.metadata()
-        report["output_sha256"] = write_checkpoint(out_path, loaded.state_dict(), meta)
-        report["output"] = str(out_path)
+        _write(req, report, method=method, request_id=request_id, record_paths=record_paths)
         seconds["write"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     if report_path is not None:
         write_json(report_path, report)
     if not result.goal_met:
-        raise GoalNotMet(
-            f"goal not met after {result.steps} steps ({after_value:.1%} {'still correct' if goal == 'forget' else 'relabelled'}); "
-            + ("wrote the partial checkpoint" if allow_partial else "no checkpoint written (raise --max-steps or use --allow-partial)")
-        , report=report)
+        after = report["after"][req.goal.report_key]
+        raise GoalNotMet(f"goal not met after {result.steps} steps ({after:.1%} {req.goal.unmet}); "
+                         + ("wrote the partial checkpoint" if allow_partial else
+                            "no checkpoint written (raise --max-steps or use --allow-partial)"), report=report)
     return report
+
+
+def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, arch, out, report_path, method: str,
+             device: str, force: bool, input_size, mean, std, attack: AttackConfig, overrides: dict[str, Any],
+             keep, retain, original) -> _Request:
+    """Check every option and input, load the model and the images; nothing expensive yet."""
+    g = goal_named(goal)
+    cfg = resolve(method, g.name, **overrides)
+    dev = resolve_device(device)
+    ckpt = Path(checkpoint)
+    loaded = load_model(ckpt, arch, input_size=input_size, mean=mean, std=std, device=dev)
+    out_path = Path(out) if out is not None else default_output(ckpt, g.name)
+    check_output(out_path, ckpt, force)
+    if report_path is not None:
+        check_output(Path(report_path), ckpt, True, "report")
+    first, notes = None, []
+    if original is not None:
+        check_output(out_path, Path(original), force)
+        first, first_note = _original(Path(original), loaded, dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev))
+        notes += [first_note] if first_note else []
+    samples = load_samples(loaded, images, manifest, require_new_label=not g.away)
+    kept = _keep_samples(loaded, keep, g)
+    retained = _retain_samples(loaded, retain)
+    new = _image_set(loaded, samples, g, dev)
+    return _Request(g, cfg, attack, dev, ckpt, out_path, loaded, samples, kept, retained, new,
+                    _image_set(loaded, kept, g, dev) if kept else None,
+                    load_images(retained, loaded.preprocessing).to(dev) if retained else None,
+                    first, None if original is None else str(original), _broken_ledger(loaded), notes)
+
+
+def _image_set(loaded: LoadedModel, samples: Sequence[Sample], goal: Goal, dev: torch.device) -> ImageSet:
+    """The images with their labels (given, else the model's predictions) and the goal's targets."""
+    x = load_images(samples, loaded.preprocessing).to(dev)
+    pred = predict(loaded.model, [x], dev).argmax(1)
+    labels = torch.tensor([s.label if s.label is not None else int(pred[i]) for i, s in enumerate(samples)])
+    targets = labels if goal.away else torch.tensor([s.new_label for s in samples])
+    return ImageSet(x, targets, labels)
+
+
+def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, before_logits: torch.Tensor,
+            keep_before: torch.Tensor | None) -> dict[str, Any]:
+    """The report of a finished run (before any file is written)."""
+    g, loaded, dev, new = req.goal, req.loaded, req.device, req.new
+    before_pred, after_pred = before_logits.argmax(1), result.logits.argmax(1)
+    shape = tuple(new.images.shape[1:])
+    report: dict[str, Any] = {
+        "command": g.name, "goal_met": result.goal_met, "method": method,
+        "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        "seed": seed, "precision": result.precision, "arch": loaded.arch, "n_images": len(req.samples),
+        "before": {g.report_key: accuracy(before_logits, new.targets)},
+        "after": {g.report_key: accuracy(result.logits, new.targets)},
+        "steps": result.steps, "seconds": {}, "input": str(req.checkpoint), "input_sha256": loaded.source.sha256,
+        "output": None, "output_sha256": None,
+        "adv_attack_success": result.adv_attack_success, "lambda_final": result.lam_final,
+        "config": {"attack": {**asdict(req.attack), "eps": req.attack.radius(shape),
+                              "batch_size": req.attack.chunk_rows(shape, dev.type)},
+                   "unlearn": {**asdict(req.config), "adv_weight": result.adv_weight}},
+        "images": _image_rows(loaded, req.samples, new.labels, before_pred, after_pred,
+                              None if g.away else new.targets),
+        "notes": _notes(req, result, before_pred),
+        "projection": result.projection,
+    }
+    if req.first is not None:
+        report["original"] = {"path": req.original, "sha256": req.first.source.sha256}
+        report["config"]["original_sha256"] = req.first.source.sha256  # the ledger records the hash, not the path
+    held = {"retain": len(req.retained), "stand_ins": req.config.stand_ins(len(new) + len(req.kept))}
+    if result.retained in held:
+        report[result.retained] = {"n_images": held[result.retained], "agreement": result.agreement}
+    for key, what in HELD_SETS:
+        if key in report and report[key]["agreement"] < HELD_AGREEMENT:
+            report["notes"].append(f"warning: only {report[key]['agreement']:.1%} of the {what} keep their prediction "
+                                   "although the projection holds them: accuracy elsewhere has probably dropped "
+                                   "(measure it with --eval)")
+    if req.keep is not None:
+        report["keep"] = {"n_images": len(req.kept), "before": {g.report_key: accuracy(keep_before, req.keep.targets)},
+                          "after": {g.report_key: accuracy(result.keep_logits, req.keep.targets)}}
+    # Both commands report accuracy against the current labels (the forget report's keys).
+    report["before"]["forget_accuracy"] = accuracy(before_logits, new.labels)
+    report["after"]["forget_accuracy"] = accuracy(result.logits, new.labels)
+    return report
+
+
+def _notes(req: _Request, result: UnlearnResult, before_pred: torch.Tensor) -> list[str]:
+    loaded = req.loaded
+    notes = list(result.notes) + req.notes
+    if req.broken:
+        notes.append(f"warning: {req.broken}; the ledger starts a new segment")
+    if loaded.ledger and not req.kept:
+        notes.append(f"{len(loaded.ledger)} earlier request(s) in the ledger were not re-checked (pass their images with --keep)")
+    if outside := outside_note(req.samples + req.kept + req.retained):
+        notes.append(outside)
+    if not req.goal.away:
+        same = [s for i, s in enumerate(req.samples) if s.label is None and int(before_pred[i]) == s.new_label]
+        if same:
+            notes.append(f"{len(same)} image(s) were already predicted as their new label before the run")
+    return notes
+
+
+def _broken_ledger(loaded: LoadedModel) -> str | None:
+    """Why the input's ledger cannot be continued, if it cannot."""
+    if loaded.source.meta.get("_unparsable"):
+        return "the checkpoint's l2ul metadata does not parse; a new ledger starts here"
+    return continuity(loaded.ledger, loaded.state_dict()) if loaded.ledger else None
+
+
+def _write(req: _Request, report: dict[str, Any], *, method: str, request_id: str | None, record_paths: bool) -> None:
+    """Append the request to the ledger and write the checkpoint (atomically); fill in the report."""
+    loaded = req.loaded
+    loaded.ledger.append(make_entry(
+        command=req.goal.name, method=method, settings=report["config"], samples=req.samples, before=report["before"],
+        after=report["after"], goal_met=report["goal_met"], input_sha256=loaded.source.sha256,
+        output_weights=loaded.state_dict(), request_id=request_id, record_paths=record_paths,
+        new_segment=req.broken,
+    ))
+    report["output_sha256"] = write_checkpoint(req.out, loaded.state_dict(), loaded.metadata())
+    report["output"] = str(req.out)
 
 
 def forget(checkpoint: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:

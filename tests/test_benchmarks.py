@@ -54,13 +54,13 @@ def test_speed_benchmark_smoke(tmp_path):
 def test_variants_script_smoke():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), str(ROOT / "examples" / "fashion-mnist-lcnet_050.safetensors"),
-                        "synthetic_steps=2", "method=adv,lr=1e-4", "eps_at_28x28=0.5,noise_copies=2,synthetic_retain=0",
+                        "synthetic_steps=2", "method=adv,lr=1e-4", "eps_at_28x28=0.5,shift_copies=2,synthetic_retain=0",
                         "real_retain=1,synthetic_retain=0", "--k", "2", "--n-adv", "2", "--attack-steps", "2", "--retain", "50"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [row.split(" | ")[0] for row in rows] == ["| synthetic_steps=2", "| method=adv,lr=1e-4",
-                                                     "| eps_at_28x28=0.5,noise_copies=2,synthetic_retain=0",
+                                                     "| eps_at_28x28=0.5,shift_copies=2,synthetic_retain=0",
                                                      "| real_retain=1,synthetic_retain=0"]
     assert all(" met " in row or "NOT met" in row or "diverged" in row for row in rows)
 

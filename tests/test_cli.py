@@ -205,13 +205,25 @@ def test_update_options_reach_the_report_and_the_weights(option, values, digits_
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_report_warns_when_the_stand_ins_lose_their_predictions(digits_checkpoint, forget_dir, tmp_path):
+def test_report_warns_when_the_stand_ins_lose_their_predictions(digits_checkpoint, forget_dir, tmp_path, monkeypatch):
     """The projection holds the stand-ins, so losing most of them means the model broke elsewhere
-    (here: a learning rate far too large); the report gives the share and warns."""
+    (here: broken on purpose after the updates, every image put in class 0, so that the check
+    does not depend on this CPU's numerics); the report gives the share and warns."""
+    import l2ul_cli.unlearn as unlearn_module
+
+    real = unlearn_module._descend
+
+    def descend_then_break(loop, *a, **kw):
+        real(loop, *a, **kw)
+        head = [m for m in loop.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            head.bias[0] += 1e4
+
+    monkeypatch.setattr(unlearn_module, "_descend", descend_then_break)
     rep = tmp_path / "r.json"
     r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--report", rep,
-            *DEFAULT_QUICK, "--synthetic-retain", "32", "--lr", "0.3", "--precision", "fp32")
-    assert r.exit_code == 0, r.output
+            *DEFAULT_QUICK, "--synthetic-retain", "32", "--allow-partial")
+    assert r.exit_code in (0, 3), r.output
     report = json.loads(rep.read_text())
     assert report["stand_ins"]["n_images"] == 32 and report["stand_ins"]["agreement"] < 0.5
     assert any(n.startswith("warning: only") and "stand-in images" in n for n in report["notes"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from l2ul_cli import unlearn as unlearn_mod
+from l2ul_cli import anchors as anchors_mod
 from l2ul_cli.cli import app
 
 from test_cli import FAST, sha
@@ -58,6 +58,8 @@ def test_sigterm_handler_raises_keyboardinterrupt(digits_checkpoint, forget_dir,
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not interrupt")
 
+    from l2ul_cli import unlearn as unlearn_mod
+
     monkeypatch.setattr(unlearn_mod, "mas_importance", boom)
     out = tmp_path / "o.safetensors"
     r = CliRunner().invoke(app, ["forget", str(digits_checkpoint), "--images", str(forget_dir), "--out", str(out), *FAST])
@@ -78,14 +80,14 @@ def test_nan_loss_stops_cleanly(digits_checkpoint, forget_dir, tmp_path):
 def test_cuda_oom_in_attack_retries_with_smaller_chunks(monkeypatch):
     """The first attempt fails as CUDA would; the retry halves the chunk and gives the same copies."""
     from l2ul_cli.config import AttackConfig
-    from l2ul_cli.unlearn import NullProgress, _attack_with_retry
+    from l2ul_cli.anchors import NullProgress, attack_with_retry
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
     x = torch.rand(4, 1, 4, 4)
     y = torch.tensor([0, 1, 2, 0])
     cfg = AttackConfig(n_adv=3, steps=5, eps=0.5, batch_size=8)
-    real = unlearn_mod.adversarial_set
+    real = anchors_mod.adversarial_set
     sizes = []
 
     def flaky(*args, batch_size, **kw):
@@ -94,11 +96,11 @@ def test_cuda_oom_in_attack_retries_with_smaller_chunks(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, batch_size=batch_size, **kw)
 
-    monkeypatch.setattr(unlearn_mod, "adversarial_set", flaky)
-    got = _attack_with_retry(model, x, y, 3, cfg, torch.Generator().manual_seed(1), None, NullProgress())
+    monkeypatch.setattr(anchors_mod, "adversarial_set", flaky)
+    got = attack_with_retry(model, x, y, 3, cfg, torch.Generator().manual_seed(1), None, NullProgress())
     assert sizes == [8, 4]
-    monkeypatch.setattr(unlearn_mod, "adversarial_set", real)
-    want = _attack_with_retry(model, x, y, 3, AttackConfig(n_adv=3, steps=5, eps=0.5, batch_size=4),
+    monkeypatch.setattr(anchors_mod, "adversarial_set", real)
+    want = attack_with_retry(model, x, y, 3, AttackConfig(n_adv=3, steps=5, eps=0.5, batch_size=4),
                               torch.Generator().manual_seed(1), None, NullProgress())
     for a, b in zip(got, want):
         assert torch.equal(a, b)

@@ -1,0 +1,61 @@
+"""The retained space: what every update is kept orthogonal to, built by one function whatever
+its source — images the user still holds (``--retain``), or stand-ins made from the model's
+BatchNorm statistics (:mod:`.synthesis`) when there are none."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .anchors import NullProgress, Progress
+from .config import UnlearnConfig
+from .projection import GradientProjector
+from .synthesis import BATCH as SYNTH_BATCH
+from .synthesis import has_batchnorm, invert_batchnorm
+
+NO_BATCHNORM = ("the model has no BatchNorm statistics to make stand-in images from: updates were not "
+                "projected (pass --retain images of the domain)")
+
+
+@dataclass
+class RetainedSpace:
+    projector: GradientProjector | None
+    images: torch.Tensor | None  # the images it was built from: their agreement is the report's health check
+    kind: str  # report key of those images: "retain" or "stand_ins"; "none" without a projection
+    phase: str | None = None  # the seconds key of its making
+    seconds: float = 0.0
+    note: str | None = None  # why there is none, when one was wanted
+
+    def describe(self) -> str | None:
+        p = self.projector
+        return f"{p.source}, energy {p.energy}: {p.summary()}" if p is not None else None
+
+    def agreement(self, model: nn.Module) -> float | None:
+        """Share of the images still predicted as before the updates."""
+        return self.projector.agreement(model, self.images) if self.images is not None else None
+
+
+def retained_space(model: nn.Module, *, config: UnlearnConfig, image_shape: tuple[int, ...], num_classes: int,
+                   retain: torch.Tensor | None = None, stand_ins: int = 0, seed: int = 0,
+                   autocast_dtype: torch.dtype | None = None, progress: Progress | None = None) -> RetainedSpace:
+    """From ``retain`` images when given, else from ``stand_ins`` stand-in images (0: none)."""
+    progress = progress or NullProgress()
+    t0 = time.perf_counter()
+    if retain is not None:
+        projector = GradientProjector(model, retain, energy=config.retain_energy)
+        projector.source = f"{retain.shape[0]} --retain images"
+        return RetainedSpace(projector, retain, "retain", "retain", time.perf_counter() - t0)
+    if stand_ins <= 0:
+        return RetainedSpace(None, None, "none")
+    if not has_batchnorm(model):
+        return RetainedSpace(None, None, "none", note=NO_BATCHNORM)
+    progress.start("synthesis", config.synthetic_steps * -(-stand_ins // SYNTH_BATCH), unit="steps")
+    images = invert_batchnorm(model, stand_ins, image_shape, num_classes, steps=config.synthetic_steps,
+                              lr=config.synthetic_lr, seed=seed, autocast_dtype=autocast_dtype, progress=progress.advance)
+    progress.finish()
+    projector = GradientProjector(model, images, energy=config.retain_energy)
+    projector.source = f"{stand_ins} stand-in images from BatchNorm statistics"
+    return RetainedSpace(projector, images, "stand_ins", "synthesis", time.perf_counter() - t0)
