@@ -223,11 +223,11 @@ def cli_fields(cls: type) -> list[Any]:
     return [f for f in fields(cls) if "cli" in f.metadata]
 
 
-def default_text(name: str) -> str:
-    """The ``[default: …]`` of an UnlearnConfig option, from the presets: the methods grouped by
-    the value they use."""
+def default_text(name: str, methods: tuple[str, ...] = tuple(METHODS)) -> str:
+    """The ``[default: …]`` of an UnlearnConfig option, from the presets of ``methods``: the
+    methods grouped by the value they use."""
     by_value: dict[str, list[str]] = {}
-    for method in METHODS:
+    for method in methods:
         cfg = preset(method)
         value = _effective(cfg, name)
         by_value.setdefault(value, []).append(method)

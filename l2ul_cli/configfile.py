@@ -32,7 +32,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise InputError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from exc
     else:
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
 
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))

@@ -28,6 +28,42 @@ def has_batchnorm(model: nn.Module) -> bool:
     return bool(_batchnorms(model))
 
 
+def _statistics_hook(distances: list[torch.Tensor]) -> Callable:
+    """A forward hook that appends the distance of its BatchNorm input's statistics to the running ones."""
+
+    def hook(module, inputs, _output):
+        x = inputs[0].float()
+        dims = [0] + list(range(2, x.dim()))
+        # Two plain reductions: Tensor.var (Welford) took a quarter of each step on a CPU.
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().sum(dims) / (x.numel() // x.shape[1])
+        distances.append((mean.flatten() - module.running_mean).norm() + (var - module.running_var).norm())
+
+    return hook
+
+
+def _optimise(model: nn.Module, z: torch.Tensor, y: torch.Tensor, distances: list[torch.Tensor], *, steps: int,
+              lr: float, tv_weight: float, autocast_dtype: torch.dtype | None,
+              progress: Callable[[int], None] | None) -> torch.Tensor:
+    """Adam on the pixel logits ``z`` of one batch; the images, sigmoid(z)."""
+    z = z.requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    device = z.device
+    for _ in range(steps):
+        distances.clear()
+        x = torch.sigmoid(z)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x).float()
+        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        loss = F.cross_entropy(logits, y) + torch.stack(distances).sum() + tv_weight * tv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(1)
+    return torch.sigmoid(z).detach()
+
+
 def invert_batchnorm(
     model: nn.Module,
     n: int,
@@ -56,37 +92,12 @@ def invert_batchnorm(
     gen = torch.Generator().manual_seed(seed)
     distances: list[torch.Tensor] = []
 
-    def hook(module, inputs, _output):
-        x = inputs[0].float()
-        dims = [0] + list(range(2, x.dim()))
-        # Two plain reductions: Tensor.var (Welford) took a quarter of each step on a CPU.
-        mean = x.mean(dims, keepdim=True)
-        var = (x - mean).square().sum(dims) / (x.numel() // x.shape[1])
-        distances.append((mean.flatten() - module.running_mean).norm() + (var - module.running_var).norm())
-
-    handles = [m.register_forward_hook(hook) for m in bns]
+    handles = [m.register_forward_hook(_statistics_hook(distances)) for m in bns]
     model.eval()
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     out: list[torch.Tensor] = []
-
-    def optimise(m: int, y: torch.Tensor) -> torch.Tensor:
-        z = (torch.randn((m, *image_shape), generator=gen) * 0.5).to(device).requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr)
-        for _ in range(steps):
-            distances.clear()
-            x = torch.sigmoid(z)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(x).float()
-            tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-            loss = F.cross_entropy(logits, y) + torch.stack(distances).sum() + tv_weight * tv
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                progress(1)
-        return torch.sigmoid(z).detach()
 
     try:
         start = 0
@@ -94,7 +105,10 @@ def invert_batchnorm(
             m = min(batch_size, n - start)
             state = gen.get_state()
             try:
-                out.append(optimise(m, (torch.arange(start, start + m) % num_classes).to(device)))
+                z = (torch.randn((m, *image_shape), generator=gen) * 0.5).to(device)
+                out.append(_optimise(model, z, (torch.arange(start, start + m) % num_classes).to(device), distances,
+                                     steps=steps, lr=lr, tv_weight=tv_weight, autocast_dtype=autocast_dtype,
+                                     progress=progress))
             except torch.cuda.OutOfMemoryError:
                 if batch_size <= 8:
                     raise

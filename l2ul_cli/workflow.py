@@ -206,8 +206,7 @@ def run_request(
     Returns the report dict. Raises :class:`GoalNotMet` (after writing the report, and the
     checkpoint only with ``allow_partial``) when the step cap is hit first.
     """
-    t_start = time.perf_counter()
-    t0 = time.perf_counter()
+    t_start = t0 = time.perf_counter()
     req = _prepare(goal, checkpoint, images=images, manifest=manifest, arch=arch, out=out, report_path=report_path,
                    method=method, device=device, force=force, input_size=input_size, mean=mean, std=std,
                    attack=attack or attack_config(**(attack_overrides or {})), overrides=unlearn_overrides or {},
@@ -229,10 +228,9 @@ def run_request(
     seconds.update(result.seconds)
     report = _report(req, result, method=method, seed=seed, before_logits=before_logits, keep_before=keep_before)
     if eval_before is not None:
-        eval_after = evaluate_checkpoint(req.checkpoint, images=eval_images, device=str(dev), loaded=loaded, forget_set=mia_set)
-        report["eval"] = {"images": str(eval_images), "before": eval_before, "after": eval_after}
-        report["before"]["accuracy"] = eval_before["accuracy"]
-        report["after"]["accuracy"] = eval_after["accuracy"]
+        after = evaluate_checkpoint(req.checkpoint, images=eval_images, device=str(dev), loaded=loaded, forget_set=mia_set)
+        report["eval"] = {"images": str(eval_images), "before": eval_before, "after": after}
+        report["before"]["accuracy"], report["after"]["accuracy"] = eval_before["accuracy"], after["accuracy"]
     if options is not None:
         report["options"] = options  # as resolved from flags, --config and defaults
     report["seconds"] = seconds
@@ -244,11 +242,15 @@ def run_request(
     if report_path is not None:
         write_json(report_path, report)
     if not result.goal_met:
-        after = report["after"][req.goal.report_key]
-        raise GoalNotMet(f"goal not met after {result.steps} steps ({after:.1%} {req.goal.unmet}); "
-                         + ("wrote the partial checkpoint" if allow_partial else
-                            "no checkpoint written (raise --max-steps or use --allow-partial)"), report=report)
+        raise _goal_not_met(req.goal, report, allow_partial)
     return report
+
+
+def _goal_not_met(goal: Goal, report: dict[str, Any], allow_partial: bool) -> GoalNotMet:
+    after = report["after"][goal.report_key]
+    return GoalNotMet(f"goal not met after {report['steps']} steps ({after:.1%} {goal.unmet}); "
+                      + ("wrote the partial checkpoint" if allow_partial else
+                         "no checkpoint written (raise --max-steps or use --allow-partial)"), report=report)
 
 
 def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, arch, out, report_path, method: str,

@@ -11,13 +11,6 @@ from l2ul_cli.attack import adversarial_set, draw_targets, pgd_l2_targeted
 from l2ul_cli.config import AttackConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 C = 4  # classes

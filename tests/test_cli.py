@@ -552,3 +552,33 @@ def test_original_anchors_a_stream_and_is_checked(digits_checkpoint, digits, for
     r = run("forget", first, "--images", second_dir, "--original", other, "--out", bad, *FAST)
     assert r.exit_code != 0 and "not the same network" in one_error_line(r)
     assert not bad.exists()
+
+
+def test_forget_and_relabel_share_one_option_set_except_what_differs():
+    """The two commands are built from one declaration: any option added to one and not the
+    other must be named here on purpose."""
+    import click
+
+    from l2ul_cli.cli import app
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    flags = {name: {o for p in commands[name].params if isinstance(p, click.Option) for o in p.opts}
+             for name in ("forget", "relabel")}
+    assert flags["forget"] - flags["relabel"] == {"--images"}
+    assert flags["relabel"] - flags["forget"] == set()
+    methods = {name: next(p for p in commands[name].params if p.name == "method").type.choices for name in flags}
+    assert set(methods["forget"]) ^ set(methods["relabel"]) == {"neggrad", "correct"}
+
+
+def test_help_has_panels_examples_and_a_short_flag():
+    r = run("forget", "-h")
+    assert r.exit_code == 0
+    text = r.stdout
+    for panel in ("Inputs & outputs:", "Method:", "Attack:", "Retention:", "Continual:", "Reports:", "Advanced:"):
+        assert panel in text
+    assert "Examples:" in text and "l2ul forget examples/" in text
+    assert "Checkpoint: .safetensors" in text  # the argument's help survives the Click version
+    # The loop's defaults come from the presets: each forget method's value is named.
+    lr_help = " ".join(text.split("--lr FLOAT", 1)[1].split("--max-steps", 1)[0].split())
+    assert "0.001 for neggrad, adv, adv+imp" in lr_help and "correct" not in lr_help

@@ -1,0 +1,29 @@
+"""What ``l2ul info`` and ``l2ul history`` report about a checkpoint: dicts, rendered by the CLI."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def checkpoint_history(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The ledger of requests applied to a checkpoint, and whether its weights still match it."""
+    from .checkpoint import read_checkpoint
+    from .ledger import continuity
+
+    raw = read_checkpoint(checkpoint)
+    ledger = raw.meta.get("ledger") if isinstance(raw.meta.get("ledger"), list) else []
+    return {"checkpoint": str(checkpoint), "sha256": raw.sha256, "ledger": ledger,
+            "warning": continuity(ledger, raw.state_dict)}
+
+
+def checkpoint_info(checkpoint: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
+    """Architecture, classes, preprocessing, parameter count and number of requests."""
+    from .models import load_model
+
+    m = load_model(checkpoint, arch)
+    return {"checkpoint": str(checkpoint), "sha256": m.source.sha256, "arch": m.arch,
+            "num_classes": m.num_classes, "in_chans": m.in_chans, "class_names": m.class_names,
+            "preprocessing": m.preprocessing.to_dict(),
+            "parameters": sum(p.numel() for p in m.net.parameters()),
+            "requests": len(m.ledger)}
