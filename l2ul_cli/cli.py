@@ -22,7 +22,7 @@ from typing_extensions import Annotated
 
 from . import __version__
 from .config import PANELS
-from .errors import GoalNotMet, L2ULError
+from .errors import L2ULError, RunFailed
 from .options import Opt, for_command, split
 from .progress import RichProgress
 from .report import render_run, to_json
@@ -211,7 +211,7 @@ def _request(goal: str, **p: Any) -> None:
                 goal, p["checkpoint"], **{k: v for k, v in request.items() if k not in skip}, **_model_inputs(p),
                 report_path=p["report"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
                 attack_overrides=attack, unlearn_overrides=unlearn, progress=progress, options=options)
-        except GoalNotMet as exc:
+        except RunFailed as exc:
             if exc.report is not None:
                 _documents(exc.report, p["markdown"], p["html"])
             _show(exc.report, p["json_out"], p["quiet"])

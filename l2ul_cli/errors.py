@@ -32,17 +32,25 @@ class CheckpointError(L2ULError):
     """A checkpoint that cannot be read, is unsafe, or does not fit the architecture."""
 
 
-class GoalNotMet(L2ULError):
-    """Unlearning stopped at its step cap before every image reached its goal.
-
-    Carries the run's report, which is still written and shown.
-    """
-
-    exit_code = 3
+class RunFailed(L2ULError):
+    """A run that finished without a result fit to write. Carries its report, which is still
+    written and shown."""
 
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report
+
+
+class GoalNotMet(RunFailed):
+    """Unlearning stopped at its step cap before every image reached its goal."""
+
+    exit_code = 3
+
+
+class DamagedModel(RunFailed):
+    """The run changed the model elsewhere beyond the health check's threshold (:mod:`.health`)."""
+
+    exit_code = 4
 
 
 class NumericalError(L2ULError):

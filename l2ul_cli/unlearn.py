@@ -68,6 +68,8 @@ class UnlearnResult:
     # Share of those images predicted as before the updates. The projection holds them, so a
     # sound run keeps nearly all; a low share means the model moved elsewhere too.
     agreement: float | None = None
+    # Per probe set of the health check (:mod:`.health`): {"n_images": n, "agreement": share}.
+    probes: dict[str, dict[str, float]] = field(default_factory=dict)
     loss_history: list[float] = field(default_factory=list)  # per step, without the importance penalty
     precision: str = "fp32"  # what the attack and the stand-ins ran in
     adv_weight: float = 0.0  # of the adversarial term at the end: halved on each divergence retry
@@ -147,16 +149,30 @@ def unlearn(
         with torch.no_grad():
             final = model(every.images).float().cpu()
         agreement = space.agreement(model)
+        probes = _probes(space, agreement, anchors, model)
     n = len(new)
     return UnlearnResult(
         goal_met=bool(goal.met(final, every.targets.cpu()).all()), steps=loop.steps, seconds=seconds,
         logits=final[:n], keep_logits=final[n:] if keep is not None else None,
         lam_final=penalty.lam if penalty is not None else None,
         adv_attack_success=anchors.attack_success if anchors is not None else None, notes=notes,
-        projection=space.describe(), retained=space.kind, agreement=agreement,
+        projection=space.describe(), retained=space.kind, agreement=agreement, probes=probes,
         loss_history=torch.stack(loop.losses).tolist() if loop.losses else [],
         precision=describe(autocast_dtype, images.device, how), adv_weight=loop.adv_weight,
     )
+
+
+def _probes(space: RetainedSpace, agreement: float | None, anchors: AnchorSet | None,
+            model: nn.Module) -> dict[str, dict[str, float]]:
+    """The health check's probe sets that the run has: the retained images, the anchors."""
+    probes = {}
+    if agreement is not None:
+        probes[space.kind] = {"n_images": len(space.images), "agreement": agreement}
+    if anchors is not None:
+        n, share = anchors.agreement(model)
+        if n:
+            probes["anchors"] = {"n_images": n, "agreement": share}
+    return probes
 
 
 def _penalty(model: nn.Module, measured: ImageSet, config: UnlearnConfig, original: nn.Module | None,

@@ -19,8 +19,9 @@ import torch
 from .checkpoint import write_checkpoint
 from .config import DEFAULT_METHOD, AttackConfig, UnlearnConfig, attack_config, resolve
 from .data import Sample, load_images, outside_note, read_manifest, scan_folder
-from .errors import GoalNotMet, InputError, UsageError
+from .errors import DamagedModel, GoalNotMet, InputError, UsageError
 from .goals import Goal, goal_named
+from .health import assess, damage_message
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
@@ -163,6 +164,7 @@ class _Request:
     first: LoadedModel | None
     original: str | None  # --original as given
     broken: str | None  # why the input's ledger cannot be continued (checked before any update)
+    evaluated: list[Sample]  # --eval images
     notes: list[str]
 
 
@@ -203,22 +205,22 @@ def run_request(
     ``original``: the checkpoint before a stream's first request; with ``keep``, each request
     then distils towards it and anchors the importance penalty at it (:func:`.unlearn.unlearn`).
 
-    Returns the report dict. Raises :class:`GoalNotMet` (after writing the report, and the
-    checkpoint only with ``allow_partial``) when the step cap is hit first.
+    Returns the report dict. Raises :class:`DamagedModel` when the health check finds the model
+    broken elsewhere, else :class:`GoalNotMet` when the step cap is hit first (each after writing
+    the report, and the checkpoint only with ``allow_partial``).
     """
     t_start = t0 = time.perf_counter()
     req = _prepare(goal, checkpoint, images=images, manifest=manifest, arch=arch, out=out, report_path=report_path,
                    method=method, device=device, force=force, input_size=input_size, mean=mean, std=std,
                    attack=attack or attack_config(**(attack_overrides or {})), overrides=unlearn_overrides or {},
-                   keep=keep, retain=retain, original=original)
+                   keep=keep, retain=retain, original=original, eval_images=eval_images)
     seconds = {"load": time.perf_counter() - t0}
     model, dev, loaded = req.loaded.model, req.device, req.loaded
     before_logits = predict(model, [req.new.images], dev)
     keep_before = predict(model, [req.keep.images], dev) if req.keep is not None else None
     # With --eval, a forget request also gets the membership-inference check before and after.
     mia_set = [replace(s, label=int(req.new.labels[i])) for i, s in enumerate(req.samples)] if req.goal.away else None
-    eval_before = evaluate_checkpoint(req.checkpoint, images=eval_images, device=str(dev), loaded=loaded,
-                                      forget_set=mia_set) if eval_images else None
+    evaluated = [_evaluate(req, mia_set)] if req.evaluated else []
     result = unlearn(
         model, req.new.images, req.new.targets.to(dev), goal=req.goal, num_classes=loaded.num_classes, config=req.config,
         attack=req.attack, attack_labels=req.new.labels.to(dev), seed=seed, precision=precision,
@@ -227,20 +229,27 @@ def run_request(
     )
     seconds.update(result.seconds)
     report = _report(req, result, method=method, seed=seed, before_logits=before_logits, keep_before=keep_before)
-    if eval_before is not None:
-        after = evaluate_checkpoint(req.checkpoint, images=eval_images, device=str(dev), loaded=loaded, forget_set=mia_set)
-        report["eval"] = {"images": str(eval_images), "before": eval_before, "after": after}
-        report["before"]["accuracy"], report["after"]["accuracy"] = eval_before["accuracy"], after["accuracy"]
+    probes = dict(result.probes)
+    if evaluated:
+        evaluated.append(_evaluate(req, mia_set))
+        (before, pred_before), (after, pred_after) = evaluated
+        report["eval"] = {"images": str(eval_images), "before": before, "after": after}
+        report["before"]["accuracy"], report["after"]["accuracy"] = before["accuracy"], after["accuracy"]
+        probes["eval"] = {"n_images": len(pred_after), "agreement": float((pred_before == pred_after).float().mean())}
+    report["health"] = health = assess(probes)
+    report["healthy"] = health["healthy"]
     if options is not None:
         report["options"] = options  # as resolved from flags, --config and defaults
     report["seconds"] = seconds
-    if result.goal_met or allow_partial:
+    if (result.goal_met and health["healthy"] is not False) or allow_partial:
         t0 = time.perf_counter()
         _write(req, report, method=method, request_id=request_id, record_paths=record_paths)
         seconds["write"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     if report_path is not None:
         write_json(report_path, report)
+    if health["healthy"] is False:
+        raise DamagedModel(damage_message(health, report["output"]), report=report)
     if not result.goal_met:
         raise _goal_not_met(req.goal, report, allow_partial)
     return report
@@ -255,7 +264,7 @@ def _goal_not_met(goal: Goal, report: dict[str, Any], allow_partial: bool) -> Go
 
 def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, arch, out, report_path, method: str,
              device: str, force: bool, input_size, mean, std, attack: AttackConfig, overrides: dict[str, Any],
-             keep, retain, original) -> _Request:
+             keep, retain, original, eval_images) -> _Request:
     """Check every option and input, load the model and the images; nothing expensive yet."""
     g = goal_named(goal)
     cfg = resolve(method, g.name, **overrides)
@@ -275,10 +284,19 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, arch
     kept = _keep_samples(loaded, keep, g)
     retained = _retain_samples(loaded, retain)
     new = _image_set(loaded, samples, g, dev)
+    evaluated = load_samples(loaded, eval_images, None) if eval_images is not None else []
     return _Request(g, cfg, attack, dev, ckpt, out_path, loaded, samples, kept, retained, new,
                     _image_set(loaded, kept, g, dev) if kept else None,
                     load_images(retained, loaded.preprocessing).to(dev) if retained else None,
-                    first, None if original is None else str(original), _broken_ledger(loaded), notes)
+                    first, None if original is None else str(original), _broken_ledger(loaded), evaluated, notes)
+
+
+def _evaluate(req: _Request, mia_set: list[Sample] | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """The --eval report of the model as it is now, and its predictions (for the health check)."""
+    logits = _logits(req.loaded, req.evaluated, req.device)
+    report = evaluate_checkpoint(req.checkpoint, samples=req.evaluated, logits=logits, device=str(req.device),
+                                 loaded=req.loaded, forget_set=mia_set)
+    return report, logits.argmax(1)
 
 
 def _image_set(loaded: LoadedModel, samples: Sequence[Sample], goal: Goal, dev: torch.device) -> ImageSet:
@@ -407,19 +425,22 @@ def evaluate_checkpoint(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     loaded: LoadedModel | None = None,
+    samples: Sequence[Sample] | None = None,
+    logits: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on labelled images; optionally against another checkpoint
     (``compare``) and with a membership-inference check of unlearned images (``forget_set``: a
-    folder, a CSV or labelled samples, with ``images`` as the held-out data)."""
+    folder, a CSV or labelled samples, with ``images`` as the held-out data). ``samples`` and
+    their ``logits``, when the caller has them, replace ``images`` and the pass over them."""
     from .evaluate import membership_inference, streisand, summarize
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if loaded is None:
         loaded = load_model(checkpoint, arch, input_size=input_size, mean=mean, std=std, device=dev)
-    samples = load_samples(loaded, images, manifest)
+    samples = list(samples) if samples is not None else load_samples(loaded, images, manifest)
     labels = _labelled(samples, "evaluation")
-    logits = _logits(loaded, samples, dev)
+    logits = logits if logits is not None else _logits(loaded, samples, dev)
     report: dict[str, Any] = {"command": "eval", "checkpoint": str(checkpoint), "arch": loaded.arch,
                               "device": str(dev), **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
     if compare is not None:

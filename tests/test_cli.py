@@ -205,10 +205,8 @@ def test_update_options_reach_the_report_and_the_weights(option, values, digits_
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_report_warns_when_the_stand_ins_lose_their_predictions(digits_checkpoint, forget_dir, tmp_path, monkeypatch):
-    """The projection holds the stand-ins, so losing most of them means the model broke elsewhere
-    (here: broken on purpose after the updates, every image put in class 0, so that the check
-    does not depend on this CPU's numerics); the report gives the share and warns."""
+def _break_after_updates(monkeypatch):
+    """Every image in class 0 once the updates are done: a run gone wrong, on any CPU."""
     import l2ul_cli.unlearn as unlearn_module
 
     real = unlearn_module._descend
@@ -220,10 +218,17 @@ def test_report_warns_when_the_stand_ins_lose_their_predictions(digits_checkpoin
             head.bias[0] += 1e4
 
     monkeypatch.setattr(unlearn_module, "_descend", descend_then_break)
+
+
+def test_report_warns_when_the_stand_ins_lose_their_predictions(digits_checkpoint, forget_dir, tmp_path, monkeypatch):
+    """The projection holds the stand-ins, so losing most of them means the model broke elsewhere
+    (here: broken on purpose after the updates, so that the check does not depend on this CPU's
+    numerics); the report gives the share and warns."""
+    _break_after_updates(monkeypatch)
     rep = tmp_path / "r.json"
     r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "o.safetensors", "--report", rep,
             *DEFAULT_QUICK, "--synthetic-retain", "32", "--allow-partial")
-    assert r.exit_code in (0, 3), r.output
+    assert r.exit_code == 4, r.output  # damaged: written only because of --allow-partial
     report = json.loads(rep.read_text())
     assert report["stand_ins"]["n_images"] == 32 and report["stand_ins"]["agreement"] < 0.5
     assert any(n.startswith("warning: only") and "stand-in images" in n for n in report["notes"])
@@ -582,3 +587,42 @@ def test_help_has_panels_examples_and_a_short_flag():
     # The loop's defaults come from the presets: each forget method's value is named.
     lr_help = " ".join(text.split("--lr FLOAT", 1)[1].split("--max-steps", 1)[0].split())
     assert "0.001 for neggrad, adv, adv+imp" in lr_help and "correct" not in lr_help
+
+
+def test_a_damaged_model_is_not_written_and_exits_4(digits_checkpoint, forget_dir, heldout_dir, tmp_path, monkeypatch):
+    _break_after_updates(monkeypatch)
+    out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep, "--eval", heldout_dir,
+            "--method", "neggrad", *FAST)
+    assert r.exit_code == 4
+    line = one_error_line(r)
+    assert "looks damaged" in line and "--eval images" in line and "no checkpoint written" in line
+    assert not out.exists()
+    report = json.loads(rep.read_text())
+    assert report["healthy"] is False and report["health"]["worst"] == "eval"
+    assert report["health"]["probes"]["eval"]["agreement"] < 0.5
+
+
+def test_health_check_says_what_it_used(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    """A sound run: healthy, on the probes it had; the paper's NEGGRAD without --eval has none."""
+    rep = tmp_path / "r.json"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "a.safetensors", "--report", rep, *FAST)
+    assert r.exit_code == 0, r.output
+    health = json.loads(rep.read_text())["health"]
+    assert health["healthy"] is True and set(health["probes"]) == {"anchors"}
+    assert health["probes"]["anchors"]["agreement"] >= health["threshold"]
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", tmp_path / "b.safetensors", "--report", rep,
+            "--method", "neggrad", "--max-steps", "1", "--allow-partial", *FAST)
+    report = json.loads(rep.read_text())
+    assert report["healthy"] is None and report["health"]["probes"] == {}
+
+
+def test_health_verdict_on_hand_made_probes():
+    from l2ul_cli.health import THRESHOLD, assess, describe
+
+    sound = assess({"stand_ins": {"n_images": 256, "agreement": 1.0}, "eval": {"n_images": 300, "agreement": 0.95}})
+    assert sound["healthy"] is True and sound["worst"] == "eval" and "sound" in describe(sound)
+    broken = assess({"stand_ins": {"n_images": 256, "agreement": 1.0}, "anchors": {"n_images": 64, "agreement": 0.2}})
+    assert broken["healthy"] is False and broken["worst"] == "anchors"
+    assert assess({"eval": {"n_images": 0, "agreement": float("nan")}})["healthy"] is None
+    assert assess({"eval": {"n_images": 10, "agreement": THRESHOLD}})["healthy"] is True
