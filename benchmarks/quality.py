@@ -79,7 +79,7 @@ def run_cell(ckpt, ev: Evaluator, dev, goal, method, k, seed, attack_over: dict,
     targets = new_labels(y, seed) if goal == "relabel" else y
     method, overrides, attack_over = parse_variant(method, overrides, attack_over)
     cfg = resolve(method, goal, **overrides)  # the CLI's checks of option combinations
-    attack = attack_config(**attack_over)
+    attack = attack_config(method, **attack_over)
     t0 = time.perf_counter()
     try:
         r = unlearn(loaded.model, x, targets.to(dev), goal=goal, num_classes=10, config=cfg, attack=attack,

@@ -108,7 +108,7 @@ def main() -> None:
                                                   autocast_dtype=choose(model, tuple(xf.shape[1:]), dev, precision)[0])
                 synth_s = time.perf_counter() - t0
             projector = GradientProjector(model, stand_ins[key], energy=cfg.retain_energy)
-        attack = attack_config(**{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
+        attack = attack_config(method, **{"n_adv": args.n_adv, "steps": args.attack_steps, **att})
         t0 = time.perf_counter()
         try:
             r = unlearn(model, xf, yf, goal="forget", num_classes=10, config=cfg,

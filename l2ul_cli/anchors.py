@@ -53,15 +53,6 @@ class AnchorSet:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def agreement(self, model: nn.Module) -> tuple[int, float]:
-        """How many rows the teacher puts in their class (every shifted copy and blend, and the
-        adversarial copies it already put in their target), and the share ``model`` still does."""
-        rows = (self.teacher.argmax(1) == self.targets).nonzero().flatten()
-        if rows.numel() == 0:
-            return 0, float("nan")
-        pred = logits_on(model, self.inputs[rows]).argmax(1)
-        return rows.numel(), float((pred == self.targets[rows]).float().mean())
-
 
 def logits_on(model: nn.Module, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """fp32 logits of ``x`` in eval mode, on ``x``'s device, in chunks."""

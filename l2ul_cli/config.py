@@ -20,6 +20,8 @@ Goal = Literal["forget", "relabel"]
 BNMode = Literal["eval", "train"]
 Objective = Literal["ce", "margin"]
 AdvLoss = Literal["none", "ce", "kd"]
+Weighting = Literal["sum", "share"]
+ImportanceEstimate = Literal["per-sample", "batch"]
 
 # Help panels of ``forget --help`` / ``relabel --help``, in order.
 PANELS = ("Inputs & outputs", "Method", "Attack", "Retention", "Continual", "Reports", "Advanced")
@@ -48,8 +50,8 @@ class AttackConfig:
     step_size: float = _opt(0.1, "PGD step length (L2).", flag="--attack-step-size", panel="Attack")  # paper: 1e-1
     steps: int = _opt(100, "PGD iterations.", flag="--attack-steps", panel="Attack")  # paper: 100
     random_start: bool = True
-    per_copy_targets: bool = _opt(False, "Draw an attack target for every copy (Algorithm 1 draws one per image).",
-                                  panel="Attack")
+    per_copy_targets: bool = _opt(False, "Draw an attack target for every copy, or one per image (Algorithm 1).",
+                                  flag="--per-copy-targets/--one-target-per-image", panel="Attack")
     batch_size: int = 0  # rows per attack chunk (0: chunk_rows picks); halves on CUDA out-of-memory
     cuda_graph: bool = False  # replay each chunk's PGD step as a CUDA graph (CUDA only)
     def radius(self, image_shape: tuple[int, ...]) -> float:
@@ -86,13 +88,18 @@ class UnlearnConfig:
     adv_loss: AdvLoss = _opt("ce", "Adversarial term: none, ce (the paper's: CE to the attack targets) or kd "
                              "(distil the original model).", panel="Method")
     importance: bool = True  # the MAS penalty of Eq. 7
+    # per-sample: Eq. 2 as written (the absolute value of each image's gradient of the squared
+    # output norm, in eval mode); batch: the reference code's estimate (the absolute value of
+    # one batch's gradient of the mean output norm, BatchNorm in train mode).
+    importance_estimate: ImportanceEstimate = _opt("per-sample", "How the importance is measured: per-sample (Eq. 2) "
+                                                   "or batch (the reference code's).", panel="Advanced")
     # Measure the importance on the images of earlier requests too (--keep); RESULTS.md "The
     # continual stream": off kept 0.2-0.8 points more after every request from the third.
     keep_importance: bool = False
     lam: float = _opt(1.0, "λ of the importance penalty.", panel="Method")
     lr: float = _opt(1e-3, "SGD learning rate of the update steps, projected or not.", panel="Method")
     momentum: float = 0.9
-    weight_decay: float = 1e-5
+    weight_decay: float = _opt(1e-5, "SGD weight decay of unprojected updates.", panel="Advanced")
     max_steps: int = _opt(500, "Step cap.", panel="Method")
     bn: BNMode = _opt("eval", "BatchNorm during updates: eval (frozen) or train (as the reference code).", panel="Advanced")
     margin: float = _opt(1.0, "Logit margin past its goal to which the bounded objective pushes each image "
@@ -116,6 +123,15 @@ class UnlearnConfig:
     mix_copies: int = _opt(0, "Blends of each image with another of its class kept at the original model's "
                            "outputs (with --adv-loss kd), so the class keeps its place.", panel="Retention")
     adv_batch_size: int = 256  # adversarial rows per update step
+    # Anchor rows drawn in a fresh random order each pass (False: in order, the last batch of a
+    # pass partial, as the reference code's unshuffled DataLoader).
+    shuffle_anchors: bool = True
+    forget_batch_size: int = _opt(0, "Forget images per update step, cycled in order; 0: all of them every step.",
+                                  panel="Advanced")
+    # sum: objective + adv_weight x adversarial term; share: each term weighted by its rows'
+    # share of the step's rows, as the reference code does (then adv_weight scales the second).
+    weighting: Weighting = _opt("sum", "How the two terms add up: sum (objective + weight x adversarial term) or "
+                                "share (each by its share of the step's rows, as the reference code).", panel="Advanced")
     adapt_lambda: bool = True  # halve λ when progress stalls, so the goal is reached (relabel)
     stall_steps: int = 50
     # Projected updates (projection.py): from --retain images, else from synthetic_retain images
@@ -158,11 +174,19 @@ class UnlearnConfig:
 # "Projected updates", "Adversarial rows per step", "More stand-ins for more images", "A
 # distillation weight that grows with the forget images", "The 20-epoch model on a CPU"
 # (divergence retries), "Shifted copies", "Blends".
+# The paper's methods run as its reference code runs them (github csm9493/L2UL, CIFAR-10 script):
+# SGD lr 1e-3, momentum 0.9, weight decay 1e-4, forget batch 32, 256 adversarial rows per step in
+# order, each term weighted by its share of the rows, BatchNorm in train mode, importance by its
+# batch estimate, no λ adaptation, a stop when every forget image is misclassified (1000 passes
+# at most). Its penalty is λ/2 Σ w (θ − θ̃)² at λ = 1: lam 0.5 here, where the penalty has no ½.
+_REFERENCE: dict[str, Any] = {"objective": "ce", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4, "bn": "train",
+                              "forget_batch_size": 32, "adv_batch_size": 256, "shuffle_anchors": False,
+                              "weighting": "share", "adapt_lambda": False, "max_steps": 5000}
 METHODS: dict[str, dict[str, Any]] = {
-    "neggrad": {"objective": "ce", "adv_loss": "none", "importance": False},
-    "correct": {"objective": "ce", "adv_loss": "none", "importance": False},
-    "adv": {"objective": "ce", "adv_loss": "ce", "importance": False},
-    "adv+imp": {"objective": "ce", "adv_loss": "ce", "importance": True},
+    "neggrad": {**_REFERENCE, "adv_loss": "none", "importance": False},
+    "correct": {**_REFERENCE, "adv_loss": "none", "importance": False},
+    "adv": {**_REFERENCE, "adv_loss": "ce", "importance": False},
+    "adv+imp": {**_REFERENCE, "adv_loss": "ce", "importance": True, "importance_estimate": "batch", "lam": 0.5},
     "l2ul": {"objective": "margin", "margin": 0.0, "adv_loss": "kd", "adv_weight": 10.0, "importance": True, "lr": 1e-4,
              "projected_lr": 1e-2, "synthetic_retain": 256, "adv_batch_size": 64,
              "synthetic_per_image": 8, "synthetic_retain_max": 512,
@@ -170,11 +194,16 @@ METHODS: dict[str, dict[str, Any]] = {
              "divergence_retries": 3, "max_steps": 2000, "shift_copies": 8, "mix_copies": 8},
 }
 DEFAULT_METHOD = "l2ul"
+# The reference code's attack: ε 4 at any image size (its README: 1 to 5), a fresh random target
+# for every copy.
+_REFERENCE_ATTACK: dict[str, Any] = {"eps": 4.0, "per_copy_targets": True}
+ATTACKS: dict[str, dict[str, Any]] = {"adv": _REFERENCE_ATTACK, "adv+imp": _REFERENCE_ATTACK}
 
 
-def attack_config(**overrides: Any) -> AttackConfig:
-    """AttackConfig with explicit overrides (None values ignored): every method attacks alike."""
-    return replace(AttackConfig(), **{k: v for k, v in overrides.items() if v is not None})
+def attack_config(method: str = DEFAULT_METHOD, **overrides: Any) -> AttackConfig:
+    """AttackConfig of a method, with explicit overrides (None values ignored)."""
+    cfg = replace(AttackConfig(), **ATTACKS.get(method, {}))
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def preset(method: str, base: UnlearnConfig | None = None, **overrides: Any) -> UnlearnConfig:
@@ -223,20 +252,21 @@ def cli_fields(cls: type) -> list[Any]:
     return [f for f in fields(cls) if "cli" in f.metadata]
 
 
-def default_text(name: str, methods: tuple[str, ...] = tuple(METHODS)) -> str:
-    """The ``[default: …]`` of an UnlearnConfig option, from the presets of ``methods``: the
-    methods grouped by the value they use."""
+def default_text(name: str, methods: tuple[str, ...] = tuple(METHODS), *, attack: bool = False, none: str = "none") -> str:
+    """The ``[default: …]`` of a config option, from the presets of ``methods``: the methods
+    grouped by the value they use (``none`` names a None value)."""
     by_value: dict[str, list[str]] = {}
     for method in methods:
-        cfg = preset(method)
-        value = _effective(cfg, name)
+        value = _effective(attack_config(method) if attack else preset(method), name, none)
         by_value.setdefault(value, []).append(method)
     if len(by_value) == 1:
         return next(iter(by_value))
     return "; ".join(f"{v} for {', '.join(ms)}" for v, ms in by_value.items())
 
 
-def _effective(cfg: UnlearnConfig, name: str) -> str:
+def _effective(cfg: UnlearnConfig | AttackConfig, name: str, none: str) -> str:
+    if getattr(cfg, name) is None:
+        return none
     if name == "lr" and cfg.projected_lr is not None:
         return f"{cfg.projected_lr:g} projected, {cfg.lr:g} not"
     if name == "adv_weight" and cfg.adv_weight_per_image:

@@ -3,9 +3,10 @@ has, checked before anything is written.
 
 A run that meets its goal can still break the model elsewhere (the paper's ADV+IMP at its own
 settings left chance accuracy on the benchmark, benchmarks/RESULTS.md "Health check"). Every
-probe set is images whose class the updates should not change: the images the projection holds
-(``--retain`` or stand-ins), the anchors that keep the original outputs (adversarial copies at
-their targets, shifted copies, blends), and ``--eval`` images. Below :data:`THRESHOLD` on any of
+probe set is images of the domain whose class the updates should not change: the images the
+projection holds (``--retain`` or stand-ins) and ``--eval`` images. (Copies of the forget images —
+adversarial, shifted, blended — move with their image when it moves: they measure how local the
+change is, not the model elsewhere.) Below :data:`THRESHOLD` on any of
 them the run counts as damaged: no checkpoint unless ``--allow-partial``, and a distinct exit.
 """
 
@@ -19,8 +20,7 @@ from typing import Any
 THRESHOLD = 0.75
 
 # Probe sets in the order the report lists them, and how messages name them.
-PROBES = (("retain", "--retain images"), ("stand_ins", "stand-in images"),
-          ("anchors", "anchor copies of the forget images"), ("eval", "--eval images"))
+PROBES = (("retain", "--retain images"), ("stand_ins", "stand-in images"), ("eval", "--eval images"))
 
 
 def assess(probes: dict[str, dict[str, Any]], threshold: float = THRESHOLD) -> dict[str, Any]:

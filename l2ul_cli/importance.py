@@ -71,6 +71,32 @@ def mas_importance(
     return {n: t / images.shape[0] for n, t in total.items()}
 
 
+def mas_importance_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The reference code's MAS estimate: per batch, the absolute value of the gradient of the
+    batch's mean output L2 norm (not squared, not per image), BatchNorm in train mode on a copy
+    of the model (so the running statistics of ``model`` stay), weighted by the batch's size."""
+    import copy
+
+    net = copy.deepcopy(model).train()
+    params = _trainable(net)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size]
+        loss = net(x).float().norm(dim=1).mean()
+        for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+            if g is not None:
+                total[n] += g.abs() * x.shape[0]
+        if progress is not None:
+            progress(x.shape[0])
+    return {n: t / images.shape[0] for n, t in total.items()}
+
+
 def normalise(importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Min-max normalise each tensor to [0, 1] (Algorithm 2). A constant tensor maps to 0."""
     out = {}

@@ -35,6 +35,7 @@ class UpdateLoop:
         self.batch = min(config.adv_batch_size, rows)
         self.order = torch.randperm(rows, generator=generator).to(anchors.inputs.device) if rows else None
         self.cursor = 0
+        self.forget_cursor = 0
         self.steps = 0
         self.losses: list[torch.Tensor] = []
         self.retries = 0
@@ -50,6 +51,11 @@ class UpdateLoop:
         """Indices of this step's anchor rows (None without anchors)."""
         if not self.batch:
             return None
+        if not self.config.shuffle_anchors:  # in order, the last batch of a pass partial
+            end = min(self.cursor + self.batch, len(self.anchors))
+            idx = torch.arange(self.cursor, end, device=self.anchors.inputs.device)
+            self.cursor = end % len(self.anchors)
+            return idx
         if self.cursor + self.batch > len(self.anchors):
             self.order = torch.randperm(len(self.anchors), generator=self.generator).to(self.order.device)
             self.cursor = 0
@@ -57,9 +63,25 @@ class UpdateLoop:
         self.cursor += self.batch
         return idx
 
-    def anchor_loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def next_forget(self, data):
+        """This step's forget images: all of them, or the next batch of forget_batch_size in order
+        (the reference code's cycled loader)."""
+        size = self.config.forget_batch_size
+        if not size or size >= len(data):
+            return data
+        rows = slice(self.forget_cursor, min(self.forget_cursor + size, len(data)))
+        self.forget_cursor = rows.stop % len(data)
+        return type(data)(data.images[rows], data.targets[rows], data.labels[rows])
+
+    def with_anchors(self, objective: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor, n_forget: int) -> torch.Tensor:
+        """The objective plus the adversarial term on this step's anchor rows: summed, or each
+        weighted by its share of the step's rows (config.weighting)."""
         a, c = self.anchors, self.config
-        return self.adv_weight * adversarial_loss(logits, a.targets[idx], a.teacher[idx], c.adv_loss, c.kd_temperature)
+        adversarial = self.adv_weight * adversarial_loss(logits, a.targets[idx], a.teacher[idx], c.adv_loss, c.kd_temperature)
+        if c.weighting == "share":
+            share = n_forget / (n_forget + idx.numel())
+            return objective * share + adversarial * (1 - share)
+        return objective + adversarial
 
     def can_roll_back(self) -> bool:
         return self.saved is not None and self.retries < self.config.divergence_retries

@@ -10,7 +10,7 @@ commands from :func:`for_command`; ``--config`` files take the same names; the r
 from __future__ import annotations
 
 import typing
-from dataclasses import MISSING, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -102,22 +102,17 @@ def _choices(annotation: Any) -> tuple[str, ...] | None:
 
 
 def _config_opts(cls: type, target: str) -> list[Opt]:
-    """The options of a config dataclass: attack options default to the field's default, the
-    loop's to None (the method's preset decides; the help names each method's value)."""
+    """The options of a config dataclass. Their CLI default is None: the method's preset decides,
+    and the help names each method's value (see :func:`_for_goal`)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in cli_fields(cls):
         meta = f.metadata["cli"]
         choices = _choices(hints[f.name])
         kind = str if choices else next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-        if target == "unlearn":
-            default, shown = None, meta["default_help"] or default_text(f.name)
-        else:
-            default, shown = (f.default if f.default is not MISSING else None), meta["default_help"]
-        out.append(Opt(f.name if target == "unlearn" else f"attack_{f.name}" if meta["flag"] else f.name,
-                       (meta["flag"] or "--" + f.name.replace("_", "-"),), Optional[kind] if default is None else kind,
-                       default, meta["help"], panel=meta["panel"], target=target, field=f.name, choices=choices,
-                       default_help=shown))
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        out.append(Opt(flag.split("/")[0][2:].replace("-", "_"), (flag,), Optional[kind], None, meta["help"],
+                       panel=meta["panel"], target=target, field=f.name, choices=choices))
     return out
 
 
@@ -140,13 +135,12 @@ def _for_goal(opt: Opt, goal: str) -> Opt:
     if opt.name == "method":
         return replace(opt, choices=methods, help=f"{', '.join(m for m in methods if m != 'l2ul')} (the paper's) or "
                                                    "l2ul (this tool's: bounded objective, distillation, projected updates).")
-    if opt.target == "unlearn" and not _field_meta(opt.field)["default_help"]:
-        return replace(opt, default_help=default_text(opt.field, methods))
+    if opt.target in ("attack", "unlearn"):
+        cls = AttackConfig if opt.target == "attack" else UnlearnConfig
+        meta = next(f.metadata["cli"] for f in cli_fields(cls) if f.name == opt.field)
+        return replace(opt, default_help=default_text(opt.field, methods, attack=opt.target == "attack",
+                                                      none=meta["default_help"] or "none"))
     return opt
-
-
-def _field_meta(name: str) -> dict[str, Any]:
-    return next(f.metadata["cli"] for f in cli_fields(UnlearnConfig) if f.name == name)
 
 
 def split(command: str, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -22,7 +22,7 @@ from .anchors import AnchorSet, NullProgress, Progress, build_anchors
 from .config import AttackConfig, UnlearnConfig
 from .errors import NumericalError
 from .goals import Goal, goal_named
-from .importance import ImportancePenalty, mas_importance
+from .importance import ImportancePenalty, mas_importance, mas_importance_batch
 from .loop import UpdateLoop
 from .objectives import objective_loss
 from .precision import Precision, choose, describe
@@ -149,7 +149,7 @@ def unlearn(
         with torch.no_grad():
             final = model(every.images).float().cpu()
         agreement = space.agreement(model)
-        probes = _probes(space, agreement, anchors, model)
+        probes = {space.kind: {"n_images": len(space.images), "agreement": agreement}} if agreement is not None else {}
     n = len(new)
     return UnlearnResult(
         goal_met=bool(goal.met(final, every.targets.cpu()).all()), steps=loop.steps, seconds=seconds,
@@ -162,34 +162,23 @@ def unlearn(
     )
 
 
-def _probes(space: RetainedSpace, agreement: float | None, anchors: AnchorSet | None,
-            model: nn.Module) -> dict[str, dict[str, float]]:
-    """The health check's probe sets that the run has: the retained images, the anchors."""
-    probes = {}
-    if agreement is not None:
-        probes[space.kind] = {"n_images": len(space.images), "agreement": agreement}
-    if anchors is not None:
-        n, share = anchors.agreement(model)
-        if n:
-            probes["anchors"] = {"n_images": n, "agreement": share}
-    return probes
-
-
 def _penalty(model: nn.Module, measured: ImageSet, config: UnlearnConfig, original: nn.Module | None,
              progress: Progress) -> ImportancePenalty:
     """The MAS penalty (Eq. 7), its importance measured on ``measured``."""
     progress.start("importance", len(measured))
-    omega = mas_importance(model, measured.images, progress=progress.advance)
+    estimate = mas_importance_batch if config.importance_estimate == "batch" else mas_importance
+    omega = estimate(model, measured.images, progress=progress.advance)
     progress.finish()
     return ImportancePenalty(model, omega, config.lam, anchor=original)
 
 
-def _check(model: nn.Module, data: ImageSet, anchors: AnchorSet | None, idx: torch.Tensor | None,
+def _check(model: nn.Module, data: ImageSet, step: ImageSet, anchors: AnchorSet | None, idx: torch.Tensor | None,
            goal: Goal, bn: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Which images meet the goal, in eval mode. BatchNorm frozen: the same pass gives this
-    step's logits of the images and of the anchor rows (else None: see :func:`_train_pass`)."""
+    """Which images meet the goal, in eval mode. BatchNorm frozen and every image in the step:
+    the same pass gives the step's logits of the images and of the anchor rows (else None: see
+    :func:`_step_pass`)."""
     model.eval()
-    if bn == "eval":
+    if bn == "eval" and step is data:
         batch = data.images if idx is None else torch.cat([data.images, anchors.inputs[idx]])
         logits = model(batch)
         lf, la = logits[:len(data)], logits[len(data):]
@@ -198,12 +187,17 @@ def _check(model: nn.Module, data: ImageSet, anchors: AnchorSet | None, idx: tor
         return goal.met(model(data.images), data.targets), None, None
 
 
-def _train_pass(model: nn.Module, data: ImageSet, anchors: AnchorSet | None,
-                idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """BatchNorm in train mode, as the reference code updates: the images and the anchor rows
-    in separate batches, each normalised by its own statistics."""
+def _step_pass(model: nn.Module, step: ImageSet, anchors: AnchorSet | None, idx: torch.Tensor | None,
+               bn: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's logits. BatchNorm in train mode, as the reference code updates: the images and
+    the anchor rows in separate batches, each normalised by its own statistics."""
+    if bn == "eval":
+        batch = step.images if idx is None else torch.cat([step.images, anchors.inputs[idx]])
+        logits = model(batch)
+        return logits[:len(step)], logits[len(step):]
     model.train()
-    return model(data.images), model(anchors.inputs[idx]) if idx is not None else None
+    la = model(anchors.inputs[idx]) if idx is not None else None  # the anchors first, as the reference code
+    return model(step.images), la
 
 
 def _descend(loop: UpdateLoop, data: ImageSet, goal: Goal, progress: Progress, notes: list[str]) -> None:
@@ -212,16 +206,16 @@ def _descend(loop: UpdateLoop, data: ImageSet, goal: Goal, progress: Progress, n
     progress.start("updates", config.max_steps, unit="steps")
     try:
         while True:
-            idx = loop.next_rows()
-            met, lf, la = _check(loop.model, data, loop.anchors, idx, goal, config.bn)
+            idx, step = loop.next_rows(), loop.next_forget(data)
+            met, lf, la = _check(loop.model, data, step, loop.anchors, idx, goal, config.bn)
             n_met = int(met.sum())
             if n_met == len(data) or loop.steps >= config.max_steps:
                 break
             if lf is None:
-                lf, la = _train_pass(loop.model, data, loop.anchors, idx)
-            loss = objective_loss(lf, data.targets, goal, config.objective, config.margin)
+                lf, la = _step_pass(loop.model, step, loop.anchors, idx, config.bn)
+            loss = objective_loss(lf, step.targets, goal, config.objective, config.margin)
             if idx is not None:
-                loss = loss + loop.anchor_loss(la, idx)
+                loss = loop.with_anchors(loss, la, idx, len(step))
             if not torch.isfinite(loss):
                 value = loss.item()
                 if not loop.can_roll_back():

@@ -212,7 +212,7 @@ def run_request(
     t_start = t0 = time.perf_counter()
     req = _prepare(goal, checkpoint, images=images, manifest=manifest, arch=arch, out=out, report_path=report_path,
                    method=method, device=device, force=force, input_size=input_size, mean=mean, std=std,
-                   attack=attack or attack_config(**(attack_overrides or {})), overrides=unlearn_overrides or {},
+                   attack=attack or attack_config(method, **(attack_overrides or {})), overrides=unlearn_overrides or {},
                    keep=keep, retain=retain, original=original, eval_images=eval_images)
     seconds = {"load": time.perf_counter() - t0}
     model, dev, loaded = req.loaded.model, req.device, req.loaded
