@@ -136,7 +136,7 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, o
     checkpoint as ``--original`` with ``original``."""
     from PIL import Image
 
-    from l2ul_cli.errors import GoalNotMet
+    from l2ul_cli.errors import RunFailed
     from l2ul_cli.workflow import run_request
 
     idx_all = pick(len(ev.y), total, seed)
@@ -155,7 +155,7 @@ def continual(ckpt, ev: Evaluator, dev, method, total, per, seed, attack_over, o
                               original=ckpt if original else None,
                               device=str(dev), seed=seed + r_i, force=True, allow_partial=True, precision=PRECISION,
                               attack_overrides=attack_over, unlearn_overrides=overrides, request_id=f"request-{r_i + 1}")
-        except GoalNotMet as exc:
+        except RunFailed as exc:  # goal not met or damaged: written anyway (allow_partial), measured below
             rep = exc.report
         except NumericalError:
             rows.append({"k": (r_i + 1) * per, "D_f": float("nan"), "D_r": float("nan"), "D_test": float("nan"), "steps": "diverged"})
