@@ -223,6 +223,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 def _request(goal: str, params: dict[str, Any]) -> None:
     """forget and relabel: the command's parameters (flag, --config or default, as typer converted
     them) go to one library call; the two commands differ only in their options."""
+    from .paths import documents_writes
     from .workflow import run_request
 
     p = {k: (v.value if isinstance(v, Enum) else v) for k, v in params.items()}
@@ -246,6 +247,7 @@ def _request(goal: str, params: dict[str, Any]) -> None:
                 request_id=p["request_id"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
                 original=p["original"],
                 record_paths=p["record_paths"], precision=p["precision"], progress=progress, options=options,
+                extra_reads={"--config": [p["config"]]}, extra_writes=documents_writes(markdown, html),
             )
         except GoalNotMet as exc:
             if exc.report is not None:
@@ -416,6 +418,7 @@ def eval_(
     debug: DebugOpt = False,
 ) -> None:
     """Accuracy, top-5, per-class accuracy and confusion of a checkpoint on labelled images."""
+    from .paths import documents_writes
     from .report import render_eval, write_json
     from .workflow import evaluate_checkpoint
 
@@ -425,7 +428,8 @@ def eval_(
         _check_documents(checkpoint, markdown, html)
         r = evaluate_checkpoint(checkpoint, images=images, manifest=manifest, arch=arch, device=device.value,
                                 compare=compare, forget_set=forget_set, input_size=_ints(input_size, "--input-size"),
-                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"))
+                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"), extra_reads={"--config": [config]},
+                                extra_writes={"--report": report, **documents_writes(markdown, html)})
         r["options"] = options
         if report is not None:
             write_json(report, r)

@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
+from .paths import check_paths
 from .precision import Precision
 from .projection import GradientProjector
 from .report import HELD_SETS, write_json
@@ -172,6 +173,8 @@ def run_request(
     precision: Precision = "auto",
     progress: Progress | None = None,
     options: dict[str, Any] | None = None,
+    extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
+    extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
 ) -> dict[str, Any]:
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
 
@@ -179,6 +182,8 @@ def run_request(
     update is then kept orthogonal to what the layers see on them (:mod:`.projection`).
     ``original``: the checkpoint before a stream's first request; with ``keep``, each request
     then distils towards it and anchors the importance penalty at it (:func:`.unlearn.unlearn`).
+    ``extra_reads`` / ``extra_writes``: other paths of the command, by option (``--config``;
+    ``--markdown`` and its figures), that no write may replace (:func:`.paths.check_paths`).
 
     Returns the report dict. Raises :class:`GoalNotMet` (after writing the report, and the
     checkpoint only with ``allow_partial``) when the step cap is hit first.
@@ -204,10 +209,13 @@ def run_request(
     attack = attack or attack_preset(method, **(attack_overrides or {}))
     dev = resolve_device(device)
     ckpt = Path(checkpoint)
+    out_path = Path(out) if out is not None else default_output(ckpt, goal)
+    writes = {"--out": out_path, "--report": report_path, **(extra_writes or {})}
+    check_paths({"CHECKPOINT": [ckpt], "--original": [original], "--images": [images], "--manifest": [manifest],
+                 "--keep": keep, "--retain": retain, "--eval": [eval_images], **(extra_reads or {})}, writes)
 
     t0 = time.perf_counter()
     loaded = load_model(ckpt, arch, input_size=input_size, mean=mean, std=std, device=dev)
-    out_path = Path(out) if out is not None else default_output(ckpt, goal)
     check_output(out_path, ckpt, force)
     if report_path is not None:
         check_output(Path(report_path), ckpt, True, "report")
@@ -216,10 +224,13 @@ def run_request(
         check_output(out_path, Path(original), force)
         first, first_note = _original(Path(original), loaded, dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev))
     samples = load_samples(loaded, images, manifest, require_new_label=goal == "relabel")
-    x = load_images(samples, loaded.preprocessing).to(dev)
     kept = _keep_samples(loaded, keep, goal)
-    x_keep = load_images(kept, loaded.preprocessing).to(dev) if kept else None
     retained = _retain_samples(loaded, retain)
+    # Manifests list images anywhere, and a hard link may sit outside its folder.
+    check_paths({f"an image of {'--images' if images is not None else '--manifest'}": [s.path for s in samples],
+                 "an image of --keep": [s.path for s in kept], "an image of --retain": [s.path for s in retained]}, writes)
+    x = load_images(samples, loaded.preprocessing).to(dev)
+    x_keep = load_images(kept, loaded.preprocessing).to(dev) if kept else None
     x_retain = load_images(retained, loaded.preprocessing).to(dev) if retained else None
     seconds["load"] = time.perf_counter() - t0
 
@@ -398,17 +409,27 @@ def evaluate_checkpoint(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     loaded: LoadedModel | None = None,
+    extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
+    extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on labelled images; optionally against another checkpoint
     (``compare``) and with a membership-inference check of unlearned images (``forget_set``: a
-    folder, a CSV or labelled samples, with ``images`` as the held-out data)."""
+    folder, a CSV or labelled samples, with ``images`` as the held-out data).
+
+    ``extra_writes``: the paths the caller will write (``--report``, ``--markdown``…), by option;
+    none may replace an input (nor ``extra_reads``, e.g. ``--config``)."""
     from .evaluate import membership_inference, streisand, summarize
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    writes = dict(extra_writes or {})
+    forget_path = [forget_set] if isinstance(forget_set, (str, os.PathLike)) else []
+    check_paths({"CHECKPOINT": [checkpoint], "--images": [images], "--manifest": [manifest], "--compare": [compare],
+                 "--forget": forget_path, **(extra_reads or {})}, writes)
     if loaded is None:
         loaded = load_model(checkpoint, arch, input_size=input_size, mean=mean, std=std, device=dev)
     samples = load_samples(loaded, images, manifest)
+    check_paths({f"an image of {'--images' if images is not None else '--manifest'}": [s.path for s in samples]}, writes)
     labels = _labelled(samples, "evaluation")
     logits = _logits(loaded, samples, dev)
     report: dict[str, Any] = {"command": "eval", "checkpoint": str(checkpoint), "arch": loaded.arch,
@@ -432,6 +453,7 @@ def evaluate_checkpoint(
     if forget_set is not None:
         is_path = isinstance(forget_set, (str, os.PathLike))
         f_samples = _folder_or_manifest(loaded, forget_set) if is_path else list(forget_set)
+        check_paths({"an image of --forget": [s.path for s in f_samples]}, writes)
         f_labels = _labelled(f_samples, "--forget")
         f_logits = _logits(loaded, f_samples, dev)
         report["forget"] = {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
