@@ -22,13 +22,18 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, InputError
-from .files import atomic_write, sha256_file
+from .files import atomic_write, sha256_file, usable_path
 
 META_KEY = "l2ul"
 META_VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
+# Metadata is untrusted input: a JSON document of at most this many characters and levels
+# (l2ul writes 4 levels; a ledger of thousands of requests stays far below the size).
+MAX_META_CHARS = 64 << 20
+MAX_META_DEPTH = 32
+MAX_CLASSES = 1 << 20
 
 
 @dataclass
@@ -87,12 +92,68 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     meta: dict[str, Any] = {}
     if META_KEY in raw_meta:
         try:
-            meta = json.loads(raw_meta[META_KEY])
+            meta = _parse_json(raw_meta[META_KEY], f"{path}: metadata '{META_KEY}'")
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
         except ValueError:
             meta = {"_unparsable": True}
     return tensors, meta
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """``json.loads`` within the size and depth limits; ValueError if it does not parse."""
+    if len(text) > MAX_META_CHARS:
+        raise CheckpointError(f"{where}: {len(text):,} characters, more than the {MAX_META_CHARS:,} allowed")
+    too_deep = CheckpointError(f"{where}: nested more than {MAX_META_DEPTH} levels deep")
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    if _deeper_than(obj, MAX_META_DEPTH):
+        raise too_deep
+    return obj
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    """Whether lists/objects nest more than ``limit`` levels (iteratively: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def validate_meta(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check the types and sizes of the metadata keys l2ul reads (preprocessing's values are
+    checked where they are read, :meth:`.models.Preprocessing.from_dict`)."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: metadata '{key}' {what}")
+
+    arch = meta.get("arch")
+    if arch is not None and not (isinstance(arch, str) and 0 < len(arch) <= 200):
+        raise bad("arch", "must be an architecture name (a string of 1 to 200 characters)")
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and len(names) <= MAX_CLASSES and
+                                  all(isinstance(n, str) and len(n) <= 1000 for n in names)):
+        raise bad("class_names", f"must be a list of at most {MAX_CLASSES:,} strings of at most 1000 characters")
+    if "preprocessing" in meta and not isinstance(meta["preprocessing"], dict):
+        raise bad("preprocessing", "must be an object")
+    ledger = meta.get("ledger")
+    if ledger is not None and not isinstance(ledger, list):
+        raise bad("ledger", "must be a list of requests")
+    for i, entry in enumerate(ledger or []):
+        if not isinstance(entry, dict):
+            raise bad(f"ledger[{i}]", "must be an object")
+        for key in ("before", "after", "settings"):
+            if key in entry and not isinstance(entry[key], dict):
+                raise bad(f"ledger[{i}].{key}", "must be an object")
+        for key in ("input_sha256", "output_weights_sha256", "request_id", "command", "method", "time"):
+            if key in entry and not isinstance(entry[key], str):
+                raise bad(f"ledger[{i}].{key}", "must be a string")
+    return meta
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -124,9 +185,11 @@ def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], P
         sd = _read_pickle(weights)
     if config_path.is_file():
         try:
-            cfg = json.loads(config_path.read_text(encoding="utf-8"))
+            cfg = _parse_json(config_path.read_text(encoding="utf-8"), str(config_path))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({_first_line(exc)})") from exc
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("pretrained_cfg", {}), dict):
+            raise CheckpointError(f"{config_path}: expected an object (with 'pretrained_cfg' an object)")
         meta = {**_meta_from_timm_config(cfg), **meta}
     return sd, meta, weights
 
@@ -149,7 +212,7 @@ def _meta_from_timm_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     """Read tensors and metadata from any supported checkpoint layout."""
     p = Path(path)
-    if not p.exists():
+    if not usable_path(p, "checkpoint").exists():
         raise InputError(f"{p}: checkpoint not found")
     if p.is_dir():
         sd, meta, weights = _read_folder(p)
@@ -170,7 +233,7 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     sd = clean_state_dict(sd)
     if not sd:
         raise CheckpointError(f"{p}: holds no tensors")
-    return RawCheckpoint(path=p, state_dict=sd, meta=meta, sha256=digest)
+    return RawCheckpoint(path=p, state_dict=sd, meta=validate_meta(meta, p), sha256=digest)
 
 
 def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -24,6 +25,25 @@ from .errors import CheckpointError, UsageError
 TORCHVISION_PREFIX = "torchvision:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Limits on preprocessing, from metadata or options: a side of more than MAX_SIDE pixels, or a
+# crop_pct below MIN_CROP_PCT (the image is first resized to side / crop_pct), would let a
+# crafted checkpoint plan images of gigabytes each.
+MAX_SIDE = 4096
+MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 2.0
+MAX_STATS = 16  # values of mean/std (channels)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shown(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:60] + "…"
 
 
 @dataclass(frozen=True)
@@ -40,15 +60,45 @@ class Preprocessing:
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+    def problem(self) -> str | None:
+        """What is out of range, as ``key: reason``; None when every value can be used."""
+        c, h, w = self.input_size
+        if not (1 <= c <= MAX_STATS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+            return f"input_size: each side must be 1 to {MAX_SIDE} pixels (got {c}x{h}x{w})"
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if not (1 <= len(values) <= MAX_STATS and all(_is_number(v) for v in values)):
+                return f"{key}: must be 1 to {MAX_STATS} finite numbers (got {_shown(values)})"
+        if not all(v > 0 for v in self.std):
+            return f"std: must be positive (got {_shown(self.std)})"
+        if not (_is_number(self.crop_pct) and MIN_CROP_PCT <= self.crop_pct <= MAX_CROP_PCT):
+            return f"crop_pct: must be {MIN_CROP_PCT} to {MAX_CROP_PCT} (got {_shown(self.crop_pct)})"
+        return None
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(
-            input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            crop_pct=float(d.get("crop_pct", 1.0)),
-            interpolation=str(d.get("interpolation", "bilinear")),
-        )
+    def from_dict(cls, d: dict[str, Any], where: str = "preprocessing") -> "Preprocessing":
+        """From stored (untrusted) values; :class:`CheckpointError` ``"<where>.<key> …"``."""
+        def bad(key: str, what: str) -> CheckpointError:
+            return CheckpointError(f"{where}.{key} {what}")
+
+        size = d.get("input_size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(v) for v in size)):
+            raise bad("input_size", f"must be 3 integers [channels, height, width] (got {_shown(size)})")
+        stats = {}
+        for key in ("mean", "std"):
+            v = d.get(key)
+            if not (isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)):
+                raise bad(key, f"must be a list of finite numbers (got {_shown(v)})")
+            stats[key] = tuple(float(x) for x in v)
+        crop, interp = d.get("crop_pct", 1.0), d.get("interpolation", "bilinear")
+        if not _is_number(crop):
+            raise bad("crop_pct", f"must be a number (got {_shown(crop)})")
+        if not (isinstance(interp, str) and len(interp) <= 32):
+            raise bad("interpolation", f"must be a name such as bilinear (got {_shown(interp)})")
+        pre = cls(input_size=tuple(int(v) for v in size), mean=stats["mean"], std=stats["std"],  # type: ignore[arg-type]
+                  crop_pct=float(crop), interpolation=interp)
+        if problem := pre.problem():
+            raise CheckpointError(f"{where}.{problem}")
+        return pre
 
 
 class CentreTapConv2d(nn.Conv2d):
@@ -226,10 +276,14 @@ def resolve_preprocessing(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    source: str = "metadata",
 ) -> Preprocessing:
-    """One place that decides preprocessing: user overrides > checkpoint metadata > model config."""
+    """One place that decides preprocessing: user overrides > checkpoint metadata > model config.
+
+    Stored values are checked as untrusted (:class:`CheckpointError` naming ``source`` and the
+    key); out-of-range results of the options are :class:`UsageError`."""
     if stored and all(k in stored for k in ("input_size", "mean", "std")):
-        base = Preprocessing.from_dict(stored)
+        base = Preprocessing.from_dict(stored, f"{source} preprocessing")
     else:
         cfg = getattr(net, "pretrained_cfg", None) or {}
         size = tuple(cfg.get("input_size", (3, 224, 224)))
@@ -243,20 +297,27 @@ def resolve_preprocessing(
     size = base.input_size
     if input_size is not None:
         dims = [int(v) for v in input_size]
+        if not 1 <= len(dims) <= 3:
+            raise UsageError(f"--input-size takes H,W (or C,H,W or one side), got {len(dims)} values")
         size = (in_chans, dims[-2], dims[-1]) if len(dims) >= 2 else (in_chans, dims[0], dims[0])
     m = tuple(mean) if mean is not None else base.mean
     s = tuple(std) if std is not None else base.std
-    return Preprocessing(
+    pre = Preprocessing(
         input_size=(in_chans, size[1], size[2]),
         mean=_fit_channels(m, in_chans, "mean"),
         std=_fit_channels(s, in_chans, "std"),
         crop_pct=base.crop_pct,
         interpolation=base.interpolation,
     )
+    if problem := pre.problem():
+        raise UsageError(f"preprocessing {problem} (from --input-size/--mean/--std or the model's config)")
+    return pre
 
 
 def _fit_channels(values: tuple[float, ...], in_chans: int, what: str) -> tuple[float, ...]:
     """ImageNet statistics are given for 3 channels; a grey model gets their average."""
+    if not values:
+        raise UsageError(f"--{what} needs at least one value")
     if len(values) == in_chans:
         return tuple(float(v) for v in values)
     if len(values) == 1:
@@ -312,7 +373,8 @@ def load_model(
     class_names = meta.get("class_names")
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
-    pre = resolve_preprocessing(net, in_chans, meta.get("preprocessing"), input_size=input_size, mean=mean, std=std)
+    pre = resolve_preprocessing(net, in_chans, meta.get("preprocessing"), input_size=input_size, mean=mean, std=std,
+                                source=f"{raw.path}: metadata")
     # eval() on the wrapper too: a fresh nn.Module is in training mode, and code that saves and
     # restores ``model.training`` (predict, the attack, MAS) would otherwise put the net back in
     # training mode (BatchNorm on batch statistics) afterwards.

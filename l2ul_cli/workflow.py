@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import write_checkpoint
 from .config import DEFAULT_METHOD, attack_preset, FORGET_METHODS, RELABEL_METHODS, AttackConfig, Goal, UnlearnConfig, preset
-from .data import Sample, load_images, outside_note, read_manifest, scan_folder
+from .data import Sample, check_planned_memory, load_images, outside_note, read_manifest, scan_folder
 from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
@@ -229,6 +229,9 @@ def run_request(
     # Manifests list images anywhere, and a hard link may sit outside its folder.
     check_paths({f"an image of {'--images' if images is not None else '--manifest'}": [s.path for s in samples],
                  "an image of --keep": [s.path for s in kept], "an image of --retain": [s.path for s in retained]}, writes)
+    n_all = len(samples) + len(kept)  # and their copies: adversarial, shifted, mixed; stand-ins or --retain
+    check_planned_memory(n_all * (1 + attack.n_adv + cfg.shift_copies + cfg.mix_copies)
+                         + (len(retained) or cfg.stand_ins(n_all)), loaded.preprocessing, "the images, their attack and anchor copies, stand-ins")
     x = load_images(samples, loaded.preprocessing).to(dev)
     x_keep = load_images(kept, loaded.preprocessing).to(dev) if kept else None
     x_retain = load_images(retained, loaded.preprocessing).to(dev) if retained else None
