@@ -482,7 +482,7 @@ def info(
         m = load_model(checkpoint, arch)
         return {"checkpoint": str(checkpoint), "sha256": m.source.sha256, "arch": m.arch,
                 "num_classes": m.num_classes, "in_chans": m.in_chans, "class_names": m.class_names,
-                "preprocessing": m.preprocessing.to_dict(),
+                "preprocessing": m.preprocessing.to_dict(), "weights": {"used": m.weights_used, "reason": m.weights_reason},
                 "parameters": sum(p.numel() for p in m.net.parameters()),
                 "requests": len(m.ledger)}
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import RawCheckpoint, read_checkpoint
+from .checkpoint import FORBIDDEN_MODEL_ARGS, RawCheckpoint, read_checkpoint
+from .pickled import Weights
 from .errors import CheckpointError, UsageError
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -171,6 +172,16 @@ class LoadedModel:
     preprocessing: Preprocessing
     source: RawCheckpoint
     ledger: list[dict[str, Any]] = field(default_factory=list)
+    model_args: dict[str, Any] = field(default_factory=dict)  # given to the constructor (timm's model_args)
+
+    @property
+    def weights_used(self) -> str:
+        """Which weights of the file: "state_dict" (its only ones), "model" or "ema"."""
+        return self.source.weights_used
+
+    @property
+    def weights_reason(self) -> str:
+        return self.source.weights_reason
 
     @property
     def net(self) -> nn.Module:
@@ -190,7 +201,16 @@ class LoadedModel:
             "class_names": self.class_names,
             "preprocessing": self.preprocessing.to_dict(),
             "ledger": self.ledger,
+            **({"model_args": self.model_args} if self.model_args else {}),
+            **({"weights": self.lineage_weights} if self.lineage_weights else {}),
         }
+
+    @property
+    def lineage_weights(self) -> str | None:
+        """"model" or "ema": which weights of the training checkpoint this stream began from."""
+        if self.source.weights_used in ("model", "ema"):
+            return self.source.weights_used
+        return self.source.meta.get("weights")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.net.state_dict()
@@ -201,9 +221,11 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def build_network(arch: str, num_classes: int | None = None, in_chans: int | None = None, *, meta: bool = False) -> nn.Module:
-    """Create an untrained network by name: ``resnet18`` (timm) or ``torchvision:resnet18``."""
-    kwargs: dict[str, Any] = {}
+def build_network(arch: str, num_classes: int | None = None, in_chans: int | None = None, *, meta: bool = False,
+                  model_args: dict[str, Any] | None = None) -> nn.Module:
+    """Create an untrained network by name: ``resnet18`` (timm) or ``torchvision:resnet18``;
+    ``model_args`` go to its constructor (``img_size=32, patch_size=4`` of a timm ViT)."""
+    kwargs: dict[str, Any] = dict(model_args or {})
     ctx = torch.device("meta") if meta else contextlib.nullcontext()
     try:
         with ctx, _quiet():
@@ -224,7 +246,7 @@ def build_network(arch: str, num_classes: int | None = None, in_chans: int | Non
                 if in_chans is not None:
                     kwargs["in_chans"] = in_chans
                 net = timm.create_model(arch, pretrained=False, **kwargs)
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as exc:  # timm asserts on bad arguments
         raise UsageError(f"unknown or unbuildable architecture '{arch}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     return net
 
@@ -257,9 +279,15 @@ def _head_and_stem(net: nn.Module) -> tuple[str, str]:
     return head, stem
 
 
-def infer_shapes(arch: str, state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
+def infer_shapes(arch: str, state_dict: dict[str, torch.Tensor], model_args: dict[str, Any] | None = None) -> tuple[int, int]:
     """Number of classes and input channels, read from the checkpoint's own tensors."""
-    probe = build_network(arch, meta=True)
+    args = {k: v for k, v in (model_args or {}).items() if k not in ("num_classes", "in_chans")}
+    probe = build_network(arch, meta=True, model_args=args)
+    # Built on the meta device, so arguments asking for a giant network cost nothing yet.
+    have, need = sum(t.numel() for t in state_dict.values()), sum(p.numel() for p in probe.parameters())
+    if need > 2 * have + (64 << 20):
+        raise CheckpointError(f"checkpoint does not fit '{arch}'{' with ' + str(args) if args else ''}: the network "
+                              f"would have {need:,} parameters, the checkpoint holds {have:,} values")
     head, stem = _head_and_stem(probe)
     if head not in state_dict:
         raise CheckpointError(f"checkpoint does not fit '{arch}': missing classifier weight '{head}'")
@@ -357,17 +385,31 @@ def load_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     device: str | torch.device = "cpu",
+    weights: Weights = "auto",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Read a checkpoint, build its architecture, load the weights strictly, wrap for pixels."""
-    raw = read_checkpoint(path)
+    """Read a checkpoint, build its architecture, load the weights strictly, wrap for pixels.
+
+    ``weights``: of a training checkpoint, the model's, its EMA or ``auto``
+    (:func:`.checkpoint.read_checkpoint`; ``weights_used``/``weights_reason`` of the result say).
+    ``model_kwargs``: constructor arguments, over those the checkpoint carries (timm's
+    ``model_args``); kept in the metadata written, so the output rebuilds without them."""
+    raw = read_checkpoint(path, weights)
     meta = raw.meta
     if meta.get("_unparsable"):
         meta = {}
     arch = arch or meta.get("arch")
     if not arch:
         raise UsageError(f"{raw.path}: the checkpoint does not say its architecture; pass --arch (e.g. resnet18 or torchvision:resnet50)")
-    num_classes, in_chans = infer_shapes(arch, raw.state_dict)
-    net = build_network(arch, num_classes, in_chans)
+    if bad := [k for k in (model_kwargs or {}) if k in FORBIDDEN_MODEL_ARGS or not isinstance(k, str)]:
+        raise UsageError(f"model_kwargs: {bad[0]!r} cannot be given (l2ul builds the network and loads its weights itself)")
+    model_args = {**(meta.get("model_args") or {}), **(model_kwargs or {})}
+    num_classes, in_chans = infer_shapes(arch, raw.state_dict, model_args)
+    ctor = {k: v for k, v in model_args.items() if k not in ("num_classes", "in_chans")}
+    net = build_network(arch, num_classes, in_chans, model_args=ctor)
+    if input_size is None and model_kwargs and "img_size" in model_kwargs:  # the size the network is built for
+        side = model_kwargs["img_size"]
+        input_size = [side, side] if isinstance(side, int) else side
     load_state_strict(net, raw.state_dict, arch, raw.path)
     net.eval()
     class_names = meta.get("class_names")
@@ -383,5 +425,5 @@ def load_model(
     return LoadedModel(
         model=model, arch=arch, num_classes=num_classes, in_chans=in_chans,
         class_names=list(class_names) if class_names else None, preprocessing=pre,
-        source=raw, ledger=list(ledger),
+        source=raw, ledger=list(ledger), model_args=model_args,
     )

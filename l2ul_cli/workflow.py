@@ -23,6 +23,7 @@ from .errors import GoalNotMet, InputError, UsageError
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
+from .pickled import Weights
 from .paths import check_paths
 from .precision import Precision
 from .projection import GradientProjector
@@ -175,6 +176,8 @@ def run_request(
     options: dict[str, Any] | None = None,
     extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
     extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
+    weights: Weights = "auto",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
 
@@ -184,6 +187,8 @@ def run_request(
     then distils towards it and anchors the importance penalty at it (:func:`.unlearn.unlearn`).
     ``extra_reads`` / ``extra_writes``: other paths of the command, by option (``--config``;
     ``--markdown`` and its figures), that no write may replace (:func:`.paths.check_paths`).
+    ``weights``, ``model_kwargs``: as :func:`.models.load_model` takes them; ``original`` is read
+    with the same choice (``auto``: the weights the input's stream began from).
 
     Returns the report dict. Raises :class:`GoalNotMet` (after writing the report, and the
     checkpoint only with ``allow_partial``) when the step cap is hit first.
@@ -215,14 +220,17 @@ def run_request(
                  "--keep": keep, "--retain": retain, "--eval": [eval_images], **(extra_reads or {})}, writes)
 
     t0 = time.perf_counter()
-    loaded = load_model(ckpt, arch, input_size=input_size, mean=mean, std=std, device=dev)
+    loaded = load_model(ckpt, arch, input_size=input_size, mean=mean, std=std, device=dev, weights=weights,
+                        model_kwargs=model_kwargs)
     check_output(out_path, ckpt, force)
     if report_path is not None:
         check_output(Path(report_path), ckpt, True, "report")
     first, first_note = None, None
     if original is not None:
         check_output(out_path, Path(original), force)
-        first, first_note = _original(Path(original), loaded, dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev))
+        first_weights = weights if weights != "auto" else (loaded.lineage_weights or "auto")
+        first, first_note = _original(Path(original), loaded, dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev,
+                                                                   weights=first_weights, model_kwargs=model_kwargs))
     samples = load_samples(loaded, images, manifest, require_new_label=goal == "relabel")
     kept = _keep_samples(loaded, keep, goal)
     retained = _retain_samples(loaded, retain)
@@ -307,6 +315,7 @@ def run_request(
         "seed": seed,
         "precision": result.precision,
         "arch": loaded.arch,
+        "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason},
         "n_images": len(samples),
         "before": {before_key: before_value},
         "after": {before_key: after_value},
@@ -412,6 +421,8 @@ def evaluate_checkpoint(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     loaded: LoadedModel | None = None,
+    weights: Weights = "auto",
+    model_kwargs: dict[str, Any] | None = None,
     extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
     extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
 ) -> dict[str, Any]:
@@ -430,15 +441,17 @@ def evaluate_checkpoint(
     check_paths({"CHECKPOINT": [checkpoint], "--images": [images], "--manifest": [manifest], "--compare": [compare],
                  "--forget": forget_path, **(extra_reads or {})}, writes)
     if loaded is None:
-        loaded = load_model(checkpoint, arch, input_size=input_size, mean=mean, std=std, device=dev)
+        loaded = load_model(checkpoint, arch, input_size=input_size, mean=mean, std=std, device=dev, weights=weights,
+                            model_kwargs=model_kwargs)
     samples = load_samples(loaded, images, manifest)
     check_paths({f"an image of {'--images' if images is not None else '--manifest'}": [s.path for s in samples]}, writes)
     labels = _labelled(samples, "evaluation")
     logits = _logits(loaded, samples, dev)
     report: dict[str, Any] = {"command": "eval", "checkpoint": str(checkpoint), "arch": loaded.arch,
+                              "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason},
                               "device": str(dev), **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
     if compare is not None:
-        other = load_model(compare, arch, input_size=input_size, mean=mean, std=std, device=dev)
+        other = load_model(compare, arch, input_size=input_size, mean=mean, std=std, device=dev, model_kwargs=model_kwargs)
         if other.num_classes != loaded.num_classes:
             raise InputError(f"{compare}: has {other.num_classes} classes, {checkpoint} has {loaded.num_classes}")
         o_logits = _logits(other, samples, dev)
