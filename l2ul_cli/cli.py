@@ -9,6 +9,7 @@ so); results go to stdout, progress and logs to stderr.
 from __future__ import annotations
 
 import inspect
+import json
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing_extensions import Annotated
 
 from . import __version__
 from .config import PANELS
-from .errors import L2ULError, RunFailed
+from .errors import L2ULError, RunFailed, UsageError
 from .options import Opt, for_command, split
 from .progress import RichProgress
 from .report import render_run, to_json
@@ -189,7 +190,28 @@ def _run(fn: Callable[[], Any], debug: bool) -> Any:
 def _model_inputs(p: dict[str, Any]) -> dict[str, Any]:
     """The options that say how to build the model and read its images, parsed."""
     return {"arch": p["arch"], "input_size": _ints(p["input_size"], "--input-size"),
-            "mean": _floats(p["mean"], "--mean"), "std": _floats(p["std"], "--std")}
+            "mean": _floats(p["mean"], "--mean"), "std": _floats(p["std"], "--std"),
+            "weights": p["weights"], "model_kwargs": _json_object(p["model_kwargs"], "--model-kwargs")}
+
+
+def _json_object(text: Optional[str], what: str) -> Optional[dict[str, Any]]:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what}: not JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what}: needs a JSON object, e.g. '{{\"img_size\": 32}}'")
+    return value
+
+
+def _paths_of(p: dict[str, Any], *writes: str) -> dict[str, Any]:
+    """The command's other reads and writes, by option, that no output may replace."""
+    from .paths import documents_writes
+
+    return {"extra_reads": {"--config": [p["config"]]},
+            "extra_writes": {**{f"--{w}": p[w] for w in writes}, **documents_writes(p["markdown"], p["html"])}}
 
 
 def _request(goal: str, **p: Any) -> None:
@@ -202,7 +224,7 @@ def _request(goal: str, **p: Any) -> None:
     progress = RichProgress(err, enabled=not p["quiet"])
     options = _resolved_options()
     skip = {"checkpoint", "markdown", "html", "json_out", "quiet", "debug", "config", "report", "eval_images",
-            "keep", "retain", "arch", "input_size", "mean", "std"}
+            "keep", "retain", "arch", "input_size", "mean", "std", "weights", "model_kwargs"}
 
     def body():
         _check_documents(p["checkpoint"], p["markdown"], p["html"])
@@ -210,7 +232,7 @@ def _request(goal: str, **p: Any) -> None:
             r = run_request(
                 goal, p["checkpoint"], **{k: v for k, v in request.items() if k not in skip}, **_model_inputs(p),
                 report_path=p["report"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
-                attack_overrides=attack, unlearn_overrides=unlearn, progress=progress, options=options)
+                attack_overrides=attack, unlearn_overrides=unlearn, progress=progress, options=options, **_paths_of(p))
         except RunFailed as exc:
             if exc.report is not None:
                 _documents(exc.report, p["markdown"], p["html"])
@@ -261,7 +283,7 @@ def _eval(**p: Any) -> None:
     def body():
         _check_documents(p["checkpoint"], p["markdown"], p["html"])
         r = evaluate_checkpoint(p["checkpoint"], images=p["images"], manifest=p["manifest"], device=p["device"],
-                                compare=p["compare"], forget_set=p["forget_set"], **_model_inputs(p))
+                                compare=p["compare"], forget_set=p["forget_set"], **_model_inputs(p), **_paths_of(p, "report"))
         r["options"] = options
         if p["report"] is not None:
             write_json(p["report"], r)
@@ -291,7 +313,8 @@ def _info(**p: Any) -> None:
     from .info import checkpoint_info
     from .report import render_info
 
-    r = _run(lambda: checkpoint_info(p["checkpoint"], p["arch"]), p["debug"])
+    r = _run(lambda: checkpoint_info(p["checkpoint"], p["arch"], weights=p["weights"],
+                                     model_kwargs=_json_object(p["model_kwargs"], "--model-kwargs")), p["debug"])
     typer.echo(to_json(r)) if p["json_out"] else render_info(r, Console())
 
 

@@ -9,6 +9,7 @@ the model's channel count and resizes like timm's eval transform (resize the sho
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import InputError
+from .files import usable_path
 from .models import Preprocessing
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -81,7 +83,7 @@ def scan_folder(root: str | os.PathLike, class_names: Sequence[str] | None, num_
     Unlike torchvision's ImageFolder, a sub-folder's name *is* the class (by name or index),
     so a folder holding only ``4/`` means class 4, not class 0.
     """
-    root = Path(root)
+    root = usable_path(root, "folder")
     if not root.exists():
         raise InputError(f"{root}: folder not found")
     if not root.is_dir():
@@ -124,7 +126,7 @@ def read_manifest(
     absolute, a symlink) is allowed and flagged. A UTF-8 BOM and blank lines are accepted;
     anything else malformed names the file and line.
     """
-    path = Path(path)
+    path = usable_path(path, "manifest")
     if not path.is_file():
         raise InputError(f"{path}: manifest not found")
     try:
@@ -152,7 +154,7 @@ def read_manifest(
         rel = row[col["path"]].strip()
         if not rel:
             raise InputError(f"{where}: empty path")
-        p = Path(rel) if os.path.isabs(rel) else path.parent / rel
+        p = usable_path(Path(rel) if os.path.isabs(rel) else path.parent / rel, "image", where)
         if p in seen:
             raise InputError(f"{where}: duplicate of line {seen[p]} ({rel})")
         seen[p] = i
@@ -212,6 +214,28 @@ def load_image(path: Path, pre: Preprocessing) -> torch.Tensor:
     top, left = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
     a = a[top:top + h, left:left + w]
     return torch.tensor(a).permute(2, 0, 1).float().div_(255.0)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine, when the system says."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_planned_memory(rows: int, pre: Preprocessing, where: str, limit: int | None = None) -> None:
+    """Refuse a run whose image tensors alone (``rows`` images of ``pre.input_size`` in float32,
+    before activations) would take more than half the machine's memory (or ``limit`` bytes):
+    better a clear error than a process killed for memory."""
+    if limit is None:
+        ram = physical_memory()
+        limit = ram // 2 if ram else None
+    need = rows * math.prod(pre.input_size) * 4
+    if limit is not None and need > limit:
+        c, h, w = pre.input_size
+        raise InputError(f"{rows} images of {c}x{h}x{w} ({where}) would need {need / 2**30:.1f} GiB before any "
+                         f"activation, more than the {limit / 2**30:.1f} GiB allowed; pass a smaller --input-size")
 
 
 def iter_batches(samples: Sequence[Sample], pre: Preprocessing, batch_size: int = 256) -> Iterator[torch.Tensor]:

@@ -70,13 +70,17 @@ def _eval_blocks(report: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def figure_paths(path: Path) -> list[tuple[str, Path]]:
+    """The PNG files a document at ``path`` draws beside itself, by figure suffix."""
+    return [(suffix, path.with_name(f"{path.stem}-{suffix}.png")) for suffix, _, _ in FIGURES]
+
+
 def build(report: dict[str, Any], path: Path) -> list[Block]:
     """The document's blocks; draws its figures beside ``path`` (when matplotlib is there)."""
     blocks: list[Block] = [("title", f"l2ul {report['command']}")]
     blocks += _run_blocks(report) if report["command"] in ("forget", "relabel") else _eval_blocks(report)
     figures: list[Block] = []
-    for suffix, alt, draw in FIGURES:
-        png = path.with_name(f"{path.stem}-{suffix}.png")
+    for (_, alt, draw), (_, png) in zip(FIGURES, figure_paths(path)):
         if draw(report, png):
             figures.append(("img", alt, png.name))
     if figures:

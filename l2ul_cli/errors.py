@@ -8,6 +8,12 @@ is re-raised with its traceback under ``--debug``.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its type's name when it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class L2ULError(Exception):
     """A failure caused by input or environment, explained in one line."""
 

@@ -5,6 +5,7 @@ Kept apart from checkpoint.py so that the CLI's report code (and ``--help``) nee
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -45,3 +46,20 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def usable_path(path: str | os.PathLike, what: str, where: str | None = None) -> Path:
+    """``path`` if the system can look it up at all, else :class:`InputError` naming ``where``
+    (default: the path, shortened): a name longer than the file system allows or a NUL byte,
+    which ``Path.exists`` would raise as OSError or ValueError."""
+    p = Path(path)
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        if not isinstance(exc, OSError) or exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            name = str(p) if len(str(p)) <= 200 else f"{str(p)[:200]}…"
+            raise InputError(f"{where or name}: unusable {what} path ({reason})") from exc
+    return p

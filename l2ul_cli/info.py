@@ -17,13 +17,14 @@ def checkpoint_history(checkpoint: str | os.PathLike) -> dict[str, Any]:
             "warning": continuity(ledger, raw.state_dict)}
 
 
-def checkpoint_info(checkpoint: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
-    """Architecture, classes, preprocessing, parameter count and number of requests."""
+def checkpoint_info(checkpoint: str | os.PathLike, arch: str | None = None, *, weights: str = "auto",
+                    model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Architecture, classes, preprocessing, which weights, parameter count and number of requests."""
     from .models import load_model
 
-    m = load_model(checkpoint, arch)
+    m = load_model(checkpoint, arch, weights=weights, model_kwargs=model_kwargs)
     return {"checkpoint": str(checkpoint), "sha256": m.source.sha256, "arch": m.arch,
             "num_classes": m.num_classes, "in_chans": m.in_chans, "class_names": m.class_names,
-            "preprocessing": m.preprocessing.to_dict(),
+            "preprocessing": m.preprocessing.to_dict(), "weights": {"used": m.weights_used, "reason": m.weights_reason},
             "parameters": sum(p.numel() for p in m.net.parameters()),
             "requests": len(m.ledger)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -18,12 +19,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import RawCheckpoint, read_checkpoint
+from .checkpoint import FORBIDDEN_MODEL_ARGS, RawCheckpoint, read_checkpoint
+from .pickled import Weights
 from .errors import CheckpointError, UsageError
 
 TORCHVISION_PREFIX = "torchvision:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Limits on preprocessing, from metadata or options: a side of more than MAX_SIDE pixels, or a
+# crop_pct below MIN_CROP_PCT (the image is first resized to side / crop_pct), would let a
+# crafted checkpoint plan images of gigabytes each.
+MAX_SIDE = 4096
+MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 2.0
+MAX_STATS = 16  # values of mean/std (channels)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shown(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:60] + "…"
 
 
 @dataclass(frozen=True)
@@ -40,15 +61,45 @@ class Preprocessing:
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+    def problem(self) -> str | None:
+        """What is out of range, as ``key: reason``; None when every value can be used."""
+        c, h, w = self.input_size
+        if not (1 <= c <= MAX_STATS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+            return f"input_size: each side must be 1 to {MAX_SIDE} pixels (got {c}x{h}x{w})"
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if not (1 <= len(values) <= MAX_STATS and all(_is_number(v) for v in values)):
+                return f"{key}: must be 1 to {MAX_STATS} finite numbers (got {_shown(values)})"
+        if not all(v > 0 for v in self.std):
+            return f"std: must be positive (got {_shown(self.std)})"
+        if not (_is_number(self.crop_pct) and MIN_CROP_PCT <= self.crop_pct <= MAX_CROP_PCT):
+            return f"crop_pct: must be {MIN_CROP_PCT} to {MAX_CROP_PCT} (got {_shown(self.crop_pct)})"
+        return None
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(
-            input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            crop_pct=float(d.get("crop_pct", 1.0)),
-            interpolation=str(d.get("interpolation", "bilinear")),
-        )
+    def from_dict(cls, d: dict[str, Any], where: str = "preprocessing") -> "Preprocessing":
+        """From stored (untrusted) values; :class:`CheckpointError` ``"<where>.<key> …"``."""
+        def bad(key: str, what: str) -> CheckpointError:
+            return CheckpointError(f"{where}.{key} {what}")
+
+        size = d.get("input_size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(v) for v in size)):
+            raise bad("input_size", f"must be 3 integers [channels, height, width] (got {_shown(size)})")
+        stats = {}
+        for key in ("mean", "std"):
+            v = d.get(key)
+            if not (isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)):
+                raise bad(key, f"must be a list of finite numbers (got {_shown(v)})")
+            stats[key] = tuple(float(x) for x in v)
+        crop, interp = d.get("crop_pct", 1.0), d.get("interpolation", "bilinear")
+        if not _is_number(crop):
+            raise bad("crop_pct", f"must be a number (got {_shown(crop)})")
+        if not (isinstance(interp, str) and len(interp) <= 32):
+            raise bad("interpolation", f"must be a name such as bilinear (got {_shown(interp)})")
+        pre = cls(input_size=tuple(int(v) for v in size), mean=stats["mean"], std=stats["std"],  # type: ignore[arg-type]
+                  crop_pct=float(crop), interpolation=interp)
+        if problem := pre.problem():
+            raise CheckpointError(f"{where}.{problem}")
+        return pre
 
 
 class CentreTapConv2d(nn.Conv2d):
@@ -121,6 +172,16 @@ class LoadedModel:
     preprocessing: Preprocessing
     source: RawCheckpoint
     ledger: list[dict[str, Any]] = field(default_factory=list)
+    model_args: dict[str, Any] = field(default_factory=dict)  # given to the constructor (timm's model_args)
+
+    @property
+    def weights_used(self) -> str:
+        """Which weights of the file: "state_dict" (its only ones), "model" or "ema"."""
+        return self.source.weights_used
+
+    @property
+    def weights_reason(self) -> str:
+        return self.source.weights_reason
 
     @property
     def net(self) -> nn.Module:
@@ -140,7 +201,16 @@ class LoadedModel:
             "class_names": self.class_names,
             "preprocessing": self.preprocessing.to_dict(),
             "ledger": self.ledger,
+            **({"model_args": self.model_args} if self.model_args else {}),
+            **({"weights": self.lineage_weights} if self.lineage_weights else {}),
         }
+
+    @property
+    def lineage_weights(self) -> str | None:
+        """"model" or "ema": which weights of the training checkpoint this stream began from."""
+        if self.source.weights_used in ("model", "ema"):
+            return self.source.weights_used
+        return self.source.meta.get("weights")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.net.state_dict()
@@ -151,9 +221,11 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def build_network(arch: str, num_classes: int | None = None, in_chans: int | None = None, *, meta: bool = False) -> nn.Module:
-    """Create an untrained network by name: ``resnet18`` (timm) or ``torchvision:resnet18``."""
-    kwargs: dict[str, Any] = {}
+def build_network(arch: str, num_classes: int | None = None, in_chans: int | None = None, *, meta: bool = False,
+                  model_args: dict[str, Any] | None = None) -> nn.Module:
+    """Create an untrained network by name: ``resnet18`` (timm) or ``torchvision:resnet18``;
+    ``model_args`` go to its constructor (``img_size=32, patch_size=4`` of a timm ViT)."""
+    kwargs: dict[str, Any] = dict(model_args or {})
     ctx = torch.device("meta") if meta else contextlib.nullcontext()
     try:
         with ctx, _quiet():
@@ -174,7 +246,7 @@ def build_network(arch: str, num_classes: int | None = None, in_chans: int | Non
                 if in_chans is not None:
                     kwargs["in_chans"] = in_chans
                 net = timm.create_model(arch, pretrained=False, **kwargs)
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as exc:  # timm asserts on bad arguments
         raise UsageError(f"unknown or unbuildable architecture '{arch}' ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     return net
 
@@ -207,9 +279,15 @@ def _head_and_stem(net: nn.Module) -> tuple[str, str]:
     return head, stem
 
 
-def infer_shapes(arch: str, state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
+def infer_shapes(arch: str, state_dict: dict[str, torch.Tensor], model_args: dict[str, Any] | None = None) -> tuple[int, int]:
     """Number of classes and input channels, read from the checkpoint's own tensors."""
-    probe = build_network(arch, meta=True)
+    args = {k: v for k, v in (model_args or {}).items() if k not in ("num_classes", "in_chans")}
+    probe = build_network(arch, meta=True, model_args=args)
+    # Built on the meta device, so arguments asking for a giant network cost nothing yet.
+    have, need = sum(t.numel() for t in state_dict.values()), sum(p.numel() for p in probe.parameters())
+    if need > 2 * have + (64 << 20):
+        raise CheckpointError(f"checkpoint does not fit '{arch}'{' with ' + str(args) if args else ''}: the network "
+                              f"would have {need:,} parameters, the checkpoint holds {have:,} values")
     head, stem = _head_and_stem(probe)
     if head not in state_dict:
         raise CheckpointError(f"checkpoint does not fit '{arch}': missing classifier weight '{head}'")
@@ -226,10 +304,14 @@ def resolve_preprocessing(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    source: str = "metadata",
 ) -> Preprocessing:
-    """One place that decides preprocessing: user overrides > checkpoint metadata > model config."""
+    """One place that decides preprocessing: user overrides > checkpoint metadata > model config.
+
+    Stored values are checked as untrusted (:class:`CheckpointError` naming ``source`` and the
+    key); out-of-range results of the options are :class:`UsageError`."""
     if stored and all(k in stored for k in ("input_size", "mean", "std")):
-        base = Preprocessing.from_dict(stored)
+        base = Preprocessing.from_dict(stored, f"{source} preprocessing")
     else:
         cfg = getattr(net, "pretrained_cfg", None) or {}
         size = tuple(cfg.get("input_size", (3, 224, 224)))
@@ -243,20 +325,27 @@ def resolve_preprocessing(
     size = base.input_size
     if input_size is not None:
         dims = [int(v) for v in input_size]
+        if not 1 <= len(dims) <= 3:
+            raise UsageError(f"--input-size takes H,W (or C,H,W or one side), got {len(dims)} values")
         size = (in_chans, dims[-2], dims[-1]) if len(dims) >= 2 else (in_chans, dims[0], dims[0])
     m = tuple(mean) if mean is not None else base.mean
     s = tuple(std) if std is not None else base.std
-    return Preprocessing(
+    pre = Preprocessing(
         input_size=(in_chans, size[1], size[2]),
         mean=_fit_channels(m, in_chans, "mean"),
         std=_fit_channels(s, in_chans, "std"),
         crop_pct=base.crop_pct,
         interpolation=base.interpolation,
     )
+    if problem := pre.problem():
+        raise UsageError(f"preprocessing {problem} (from --input-size/--mean/--std or the model's config)")
+    return pre
 
 
 def _fit_channels(values: tuple[float, ...], in_chans: int, what: str) -> tuple[float, ...]:
     """ImageNet statistics are given for 3 channels; a grey model gets their average."""
+    if not values:
+        raise UsageError(f"--{what} needs at least one value")
     if len(values) == in_chans:
         return tuple(float(v) for v in values)
     if len(values) == 1:
@@ -296,23 +385,38 @@ def load_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     device: str | torch.device = "cpu",
+    weights: Weights = "auto",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Read a checkpoint, build its architecture, load the weights strictly, wrap for pixels."""
-    raw = read_checkpoint(path)
+    """Read a checkpoint, build its architecture, load the weights strictly, wrap for pixels.
+
+    ``weights``: of a training checkpoint, the model's, its EMA or ``auto``
+    (:func:`.checkpoint.read_checkpoint`; ``weights_used``/``weights_reason`` of the result say).
+    ``model_kwargs``: constructor arguments, over those the checkpoint carries (timm's
+    ``model_args``); kept in the metadata written, so the output rebuilds without them."""
+    raw = read_checkpoint(path, weights)
     meta = raw.meta
     if meta.get("_unparsable"):
         meta = {}
     arch = arch or meta.get("arch")
     if not arch:
         raise UsageError(f"{raw.path}: the checkpoint does not say its architecture; pass --arch (e.g. resnet18 or torchvision:resnet50)")
-    num_classes, in_chans = infer_shapes(arch, raw.state_dict)
-    net = build_network(arch, num_classes, in_chans)
+    if bad := [k for k in (model_kwargs or {}) if k in FORBIDDEN_MODEL_ARGS or not isinstance(k, str)]:
+        raise UsageError(f"model_kwargs: {bad[0]!r} cannot be given (l2ul builds the network and loads its weights itself)")
+    model_args = {**(meta.get("model_args") or {}), **(model_kwargs or {})}
+    num_classes, in_chans = infer_shapes(arch, raw.state_dict, model_args)
+    ctor = {k: v for k, v in model_args.items() if k not in ("num_classes", "in_chans")}
+    net = build_network(arch, num_classes, in_chans, model_args=ctor)
+    if input_size is None and model_kwargs and "img_size" in model_kwargs:  # the size the network is built for
+        side = model_kwargs["img_size"]
+        input_size = [side, side] if isinstance(side, int) else side
     load_state_strict(net, raw.state_dict, arch, raw.path)
     net.eval()
     class_names = meta.get("class_names")
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
-    pre = resolve_preprocessing(net, in_chans, meta.get("preprocessing"), input_size=input_size, mean=mean, std=std)
+    pre = resolve_preprocessing(net, in_chans, meta.get("preprocessing"), input_size=input_size, mean=mean, std=std,
+                                source=f"{raw.path}: metadata")
     # eval() on the wrapper too: a fresh nn.Module is in training mode, and code that saves and
     # restores ``model.training`` (predict, the attack, MAS) would otherwise put the net back in
     # training mode (BatchNorm on batch statistics) afterwards.
@@ -321,5 +425,5 @@ def load_model(
     return LoadedModel(
         model=model, arch=arch, num_classes=num_classes, in_chans=in_chans,
         class_names=list(class_names) if class_names else None, preprocessing=pre,
-        source=raw, ledger=list(ledger),
+        source=raw, ledger=list(ledger), model_args=model_args,
     )

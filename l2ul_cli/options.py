@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 
 from .config import AttackConfig, UnlearnConfig, cli_fields, default_text
 from .goals import GOALS
+from .pickled import WEIGHT_CHOICES
 
 RUN = ("forget", "relabel")
 ALL = ("forget", "relabel", "eval")
@@ -60,6 +61,12 @@ REQUEST: tuple[Opt, ...] = (
         default_help="from the checkpoint or model config"),
     Opt("mean", ("--mean",), _S, None, "Per-channel mean, comma-separated.", commands=ALL),
     Opt("std", ("--std",), _S, None, "Per-channel std, comma-separated.", commands=ALL),
+    Opt("weights", ("--weights",), str, "auto", "Of a training checkpoint holding both: the model's weights or "
+        "its EMA; auto takes the model's (the EMA when it is the only set) and the report says which.",
+        commands=(*ALL, "info"), choices=WEIGHT_CHOICES),
+    Opt("model_kwargs", ("--model-kwargs",), _S, None, "JSON object of architecture arguments, e.g. "
+        "'{\"img_size\": 32, \"patch_size\": 4}'; over the model_args a timm config.json carries.",
+        commands=(*ALL, "info")),
     Opt("config", ("--config",), _P, None, "TOML (or YAML) file of option = value (keys as the long options; "
         "[forget]/[relabel]/[eval] tables); flags win.", commands=ALL),
     Opt("method", ("--method",), str, "l2ul", "The paper's methods or this tool's own (README, Methods).", panel="Method"),

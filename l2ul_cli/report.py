@@ -70,6 +70,8 @@ def render_run(report: dict[str, Any], console: Console) -> None:
     console.print(f"images: {report['n_images']} · steps: {report['steps']} · {times}")
     if report.get("precision"):
         console.print(f"precision: {report['precision']}")
+    if (report.get("weights") or {}).get("used") in ("model", "ema"):  # a training checkpoint's choice
+        console.print(f"weights: {report['weights']['used']} ({report['weights']['reason']})")
     if report.get("projection"):
         console.print(f"updates kept orthogonal to {report['projection']}")
     for note in report.get("notes", []):
@@ -140,6 +142,8 @@ def render_info(report: dict[str, Any], console: Console) -> None:
     t.add_row("architecture", report["arch"])
     t.add_row("classes", f"{report['num_classes']}" + (f": {', '.join(names[:10])}{' …' if len(names) > 10 else ''}" if names else " (no names)"))
     t.add_row("input", f"{pre['input_size'][0]}×{pre['input_size'][1]}×{pre['input_size'][2]}, mean {pre['mean']}, std {pre['std']}, crop {pre['crop_pct']}")
+    if report.get("weights"):
+        t.add_row("weights", f"{report['weights']['used']} ({report['weights']['reason']})")
     t.add_row("parameters", f"{report['parameters']:,}")
     t.add_row("l2ul requests", str(report["requests"]))
     t.add_row("sha256", report["sha256"])

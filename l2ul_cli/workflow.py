@@ -12,19 +12,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .checkpoint import write_checkpoint
 from .config import DEFAULT_METHOD, AttackConfig, UnlearnConfig, attack_config, resolve
-from .data import Sample, load_images, outside_note, read_manifest, scan_folder
+from .data import Sample, check_planned_memory, load_images, outside_note, read_manifest, scan_folder
 from .errors import DamagedModel, GoalNotMet, InputError, UsageError
 from .goals import Goal, goal_named
 from .health import assess, damage_message
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
 from .models import LoadedModel, load_model
+from .paths import check_paths
+from .pickled import Weights
 from .precision import Precision
 from .report import HELD_SETS, write_json
 from .unlearn import ImageSet, NullProgress, Progress, UnlearnResult, unlearn
@@ -197,6 +199,10 @@ def run_request(
     precision: Precision = "auto",
     progress: Progress | None = None,
     options: dict[str, Any] | None = None,
+    extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
+    extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
+    weights: Weights = "auto",
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
 
@@ -204,16 +210,22 @@ def run_request(
     update is then kept orthogonal to what the layers see on them (:mod:`.retention`).
     ``original``: the checkpoint before a stream's first request; with ``keep``, each request
     then distils towards it and anchors the importance penalty at it (:func:`.unlearn.unlearn`).
+    ``extra_reads`` / ``extra_writes``: other paths of the command, by option (``--config``;
+    ``--markdown`` and its figures), that no write may replace (:func:`.paths.check_paths`).
+    ``weights``, ``model_kwargs``: as :func:`.models.load_model` takes them; ``original`` is read
+    with the same choice (``auto``: the weights the input's stream began from).
 
     Returns the report dict. Raises :class:`DamagedModel` when the health check finds the model
     broken elsewhere, else :class:`GoalNotMet` when the step cap is hit first (each after writing
     the report, and the checkpoint only with ``allow_partial``).
     """
     t_start = t0 = time.perf_counter()
-    req = _prepare(goal, checkpoint, images=images, manifest=manifest, arch=arch, out=out, report_path=report_path,
-                   method=method, device=device, force=force, input_size=input_size, mean=mean, std=std,
+    load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, weights=weights, model_kwargs=model_kwargs)
+    req = _prepare(goal, checkpoint, images=images, manifest=manifest, load_kw=load_kw, out=out, report_path=report_path,
+                   method=method, device=device, force=force,
                    attack=attack or attack_config(method, **(attack_overrides or {})), overrides=unlearn_overrides or {},
-                   keep=keep, retain=retain, original=original, eval_images=eval_images)
+                   keep=keep, retain=retain, original=original, eval_images=eval_images,
+                   reads=extra_reads or {}, writes=extra_writes or {})
     seconds = {"load": time.perf_counter() - t0}
     model, dev, loaded = req.loaded.model, req.device, req.loaded
     before_logits = predict(model, [req.new.images], dev)
@@ -262,33 +274,52 @@ def _goal_not_met(goal: Goal, report: dict[str, Any], allow_partial: bool) -> Go
                          "no checkpoint written (raise --max-steps or use --allow-partial)"), report=report)
 
 
-def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, arch, out, report_path, method: str,
-             device: str, force: bool, input_size, mean, std, attack: AttackConfig, overrides: dict[str, Any],
-             keep, retain, original, eval_images) -> _Request:
+def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load_kw: dict[str, Any], out, report_path,
+             method: str, device: str, force: bool, attack: AttackConfig, overrides: dict[str, Any],
+             keep, retain, original, eval_images, reads: Mapping[str, Any], writes: Mapping[str, Any]) -> _Request:
     """Check every option and input, load the model and the images; nothing expensive yet."""
     g = goal_named(goal)
     cfg = resolve(method, g.name, **overrides)
     dev = resolve_device(device)
     ckpt = Path(checkpoint)
-    loaded = load_model(ckpt, arch, input_size=input_size, mean=mean, std=std, device=dev)
     out_path = Path(out) if out is not None else default_output(ckpt, g.name)
+    writes = {"--out": out_path, "--report": report_path, **writes}
+    check_paths({"CHECKPOINT": [ckpt], "--original": [original], "--images": [images], "--manifest": [manifest],
+                 "--keep": keep, "--retain": retain, "--eval": [eval_images], **reads}, writes)
+    loaded = load_model(ckpt, device=dev, **load_kw)
     check_output(out_path, ckpt, force)
     if report_path is not None:
         check_output(Path(report_path), ckpt, True, "report")
     first, notes = None, []
     if original is not None:
         check_output(out_path, Path(original), force)
-        first, first_note = _original(Path(original), loaded, dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev))
+        # auto: the weights (model or EMA) the input's stream began from
+        first_weights = load_kw["weights"] if load_kw["weights"] != "auto" else (loaded.lineage_weights or "auto")
+        first, first_note = _original(Path(original), loaded, {**load_kw, "device": dev, "weights": first_weights})
         notes += [first_note] if first_note else []
     samples = load_samples(loaded, images, manifest, require_new_label=not g.away)
     kept = _keep_samples(loaded, keep, g)
     retained = _retain_samples(loaded, retain)
-    new = _image_set(loaded, samples, g, dev)
     evaluated = load_samples(loaded, eval_images, None) if eval_images is not None else []
+    _check_images(images, samples, kept, retained, evaluated, writes)
+    n_all = len(samples) + len(kept)  # and their copies: adversarial, shifted, blended; stand-ins or --retain
+    check_planned_memory(n_all * (1 + attack.n_adv + cfg.shift_copies + cfg.mix_copies)
+                         + (len(retained) or cfg.stand_ins(n_all)), loaded.preprocessing,
+                         "the images, their attack and anchor copies, stand-ins")
+    new = _image_set(loaded, samples, g, dev)
     return _Request(g, cfg, attack, dev, ckpt, out_path, loaded, samples, kept, retained, new,
                     _image_set(loaded, kept, g, dev) if kept else None,
                     load_images(retained, loaded.preprocessing).to(dev) if retained else None,
                     first, None if original is None else str(original), _broken_ledger(loaded), evaluated, notes)
+
+
+def _check_images(images, samples: list[Sample], kept: list[Sample], retained: list[Sample], evaluated: list[Sample],
+                  writes: Mapping[str, Any]) -> None:
+    """No write may replace an image read: a manifest lists images anywhere, and a hard link may
+    sit outside its folder."""
+    check_paths({f"an image of {'--images' if images is not None else '--manifest'}": [s.path for s in samples],
+                 "an image of --keep": [s.path for s in kept], "an image of --retain": [s.path for s in retained],
+                 "an image of --eval": [s.path for s in evaluated]}, writes)
 
 
 def _evaluate(req: _Request, mia_set: list[Sample] | None) -> tuple[dict[str, Any], torch.Tensor]:
@@ -317,7 +348,8 @@ def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, bef
     report: dict[str, Any] = {
         "command": g.name, "goal_met": result.goal_met, "method": method,
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
-        "seed": seed, "precision": result.precision, "arch": loaded.arch, "n_images": len(req.samples),
+        "seed": seed, "precision": result.precision, "arch": loaded.arch,
+        "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason}, "n_images": len(req.samples),
         "before": {g.report_key: accuracy(before_logits, new.targets)},
         "after": {g.report_key: accuracy(result.logits, new.targets)},
         "steps": result.steps, "seconds": {}, "input": str(req.checkpoint), "input_sha256": loaded.source.sha256,
@@ -427,41 +459,43 @@ def evaluate_checkpoint(
     loaded: LoadedModel | None = None,
     samples: Sequence[Sample] | None = None,
     logits: torch.Tensor | None = None,
+    weights: Weights = "auto",
+    model_kwargs: dict[str, Any] | None = None,
+    extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
+    extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on labelled images; optionally against another checkpoint
     (``compare``) and with a membership-inference check of unlearned images (``forget_set``: a
     folder, a CSV or labelled samples, with ``images`` as the held-out data). ``samples`` and
-    their ``logits``, when the caller has them, replace ``images`` and the pass over them."""
+    their ``logits``, when the caller has them, replace ``images`` and the pass over them.
+
+    ``extra_writes``: the paths the caller will write (``--report``, ``--markdown``…), by option;
+    none may replace an input (nor ``extra_reads``, e.g. ``--config``)."""
     from .evaluate import membership_inference, streisand, summarize
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
+    writes = dict(extra_writes or {})
+    forget_path = [forget_set] if isinstance(forget_set, (str, os.PathLike)) else []
+    check_paths({"CHECKPOINT": [checkpoint], "--images": [images], "--manifest": [manifest], "--compare": [compare],
+                 "--forget": forget_path, **(extra_reads or {})}, writes)
+    load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev, model_kwargs=model_kwargs)
     if loaded is None:
-        loaded = load_model(checkpoint, arch, input_size=input_size, mean=mean, std=std, device=dev)
+        loaded = load_model(checkpoint, weights=weights, **load_kw)
     samples = list(samples) if samples is not None else load_samples(loaded, images, manifest)
+    check_paths({f"an image of {'--images' if images is not None else '--manifest'}": [s.path for s in samples]}, writes)
     labels = _labelled(samples, "evaluation")
     logits = logits if logits is not None else _logits(loaded, samples, dev)
     report: dict[str, Any] = {"command": "eval", "checkpoint": str(checkpoint), "arch": loaded.arch,
+                              "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason},
                               "device": str(dev), **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
     if compare is not None:
-        other = load_model(compare, arch, input_size=input_size, mean=mean, std=std, device=dev)
-        if other.num_classes != loaded.num_classes:
-            raise InputError(f"{compare}: has {other.num_classes} classes, {checkpoint} has {loaded.num_classes}")
-        o_logits = _logits(other, samples, dev)
-        pred, o_pred = logits.argmax(1), o_logits.argmax(1)
-        changed = (pred != o_pred).nonzero().flatten().tolist()
-        report["compare"] = {
-            "checkpoint": str(compare),
-            "accuracy": accuracy(o_logits, labels),
-            "agreement": float((pred == o_pred).float().mean()),
-            "changed": [{"path": str(samples[i].path), "label": loaded.class_name(int(labels[i])),
-                         "this": loaded.class_name(int(pred[i])), "other": loaded.class_name(int(o_pred[i]))}
-                        for i in changed],
-        }
+        report["compare"] = _compare(load_model(compare, **load_kw), loaded, samples, labels, logits, dev, compare, checkpoint)
     f_samples: list[Sample] = []
     if forget_set is not None:
         is_path = isinstance(forget_set, (str, os.PathLike))
         f_samples = _folder_or_manifest(loaded, forget_set) if is_path else list(forget_set)
+        check_paths({"an image of --forget": [s.path for s in f_samples]}, writes)
         f_labels = _labelled(f_samples, "--forget")
         f_logits = _logits(loaded, f_samples, dev)
         report["forget"] = {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
@@ -471,3 +505,21 @@ def evaluate_checkpoint(
         report["notes"] = [outside]
     report["seconds"] = {"total": time.perf_counter() - t0}
     return report
+
+
+def _compare(other: LoadedModel, loaded: LoadedModel, samples: Sequence[Sample], labels: torch.Tensor,
+             logits: torch.Tensor, dev: torch.device, compare, checkpoint) -> dict[str, Any]:
+    """--compare: the other checkpoint's accuracy on the same images, and which predictions differ."""
+    if other.num_classes != loaded.num_classes:
+        raise InputError(f"{compare}: has {other.num_classes} classes, {checkpoint} has {loaded.num_classes}")
+    o_logits = _logits(other, samples, dev)
+    pred, o_pred = logits.argmax(1), o_logits.argmax(1)
+    changed = (pred != o_pred).nonzero().flatten().tolist()
+    return {
+        "checkpoint": str(compare),
+        "accuracy": accuracy(o_logits, labels),
+        "agreement": float((pred == o_pred).float().mean()),
+        "changed": [{"path": str(samples[i].path), "label": loaded.class_name(int(labels[i])),
+                     "this": loaded.class_name(int(pred[i])), "other": loaded.class_name(int(o_pred[i]))}
+                    for i in changed],
+    }

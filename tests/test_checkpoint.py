@@ -158,7 +158,8 @@ def test_pt_wrappers_are_unwrapped(tmp_path, wrapper):
     torch.save(obj, path)
     raw = read_checkpoint(path)
     _assert_same_tensors(raw.state_dict, sd)
-    assert raw.meta == {}
+    assert raw.meta == ({} if wrapper is None else {"arch": "resnet"})  # a training file's "arch" key (timm)
+    assert raw.weights_used == {None: "state_dict", "state_dict_ema": "ema"}.get(wrapper, "model")
     assert raw.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
