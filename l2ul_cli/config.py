@@ -103,7 +103,7 @@ class UnlearnConfig:
     max_steps: int = _opt(500, "Step cap.", panel="Method")
     bn: BNMode = _opt("eval", "BatchNorm during updates: eval (frozen) or train (as the reference code).", panel="Advanced")
     margin: float = _opt(1.0, "Logit margin past its goal to which the bounded objective pushes each image "
-                         "(RESULTS.md \"Why the loop waits\").", panel="Advanced")
+                         "(RESULTS.md \"Where a CPU request's seconds go at k = 16\").", panel="Advanced")
     kd_temperature: float = 1.0
     adv_weight: float = _opt(1.0, "Weight of the adversarial term against the objective.", panel="Method")  # paper: 1
     # A heavier distillation for more forget images (adv_weight_for()): past adv_weight_images

@@ -187,7 +187,7 @@ def _convert(img: Image.Image, channels: int) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
-        # Transparent pixels become black, as decoders that drop alpha do (README: Images).
+        # Transparent pixels become black, as decoders that drop alpha do (docs/lab-notes.md, images).
         img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
     if channels not in (1, 3):
         raise InputError(f"models with {channels} input channels are not supported (1 or 3)")
