@@ -9,6 +9,7 @@ so); results go to stdout, progress and logs to stderr.
 from __future__ import annotations
 
 import inspect
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -48,6 +49,11 @@ class _Group(TyperGroup):
             typer.echo("error: aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # The words as typed, before click consumes them: the report's "command_line".
+        ctx.meta["l2ul.command_line"] = f"{ctx.info_name or 'l2ul'} {shlex.join(args)}"
+        return super().parse_args(ctx, args)
 
 
 class _Panels(TyperCommand):
@@ -151,6 +157,11 @@ def _resolved_options() -> dict[str, Any]:
             for k, v in ctx.params.items()}
 
 
+def _command_line() -> Optional[str]:
+    """The command line as it was called (recorded by :meth:`_Group.parse_args`)."""
+    return click.get_current_context().meta.get("l2ul.command_line")
+
+
 def _stderr() -> Console:
     return Console(stderr=True)
 
@@ -200,7 +211,7 @@ def _request(goal: str, **p: Any) -> None:
     request, attack, unlearn = split(goal, p)
     err = _stderr()
     progress = RichProgress(err, enabled=not p["quiet"])
-    options = _resolved_options()
+    options, command_line = _resolved_options(), _command_line()
     skip = {"checkpoint", "markdown", "html", "json_out", "quiet", "debug", "config", "report", "eval_images",
             "keep", "retain", "arch", "input_size", "mean", "std"}
 
@@ -210,7 +221,8 @@ def _request(goal: str, **p: Any) -> None:
             r = run_request(
                 goal, p["checkpoint"], **{k: v for k, v in request.items() if k not in skip}, **_model_inputs(p),
                 report_path=p["report"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
-                attack_overrides=attack, unlearn_overrides=unlearn, progress=progress, options=options)
+                attack_overrides=attack, unlearn_overrides=unlearn, progress=progress, options=options,
+                command_line=command_line)
         except RunFailed as exc:
             if exc.report is not None:
                 _documents(exc.report, p["markdown"], p["html"])
@@ -256,13 +268,15 @@ def _eval(**p: Any) -> None:
     from .report import render_eval, write_json
     from .workflow import evaluate_checkpoint
 
-    options = _resolved_options()
+    options, command_line = _resolved_options(), _command_line()
 
     def body():
         _check_documents(p["checkpoint"], p["markdown"], p["html"])
         r = evaluate_checkpoint(p["checkpoint"], images=p["images"], manifest=p["manifest"], device=p["device"],
                                 compare=p["compare"], forget_set=p["forget_set"], **_model_inputs(p))
         r["options"] = options
+        if command_line is not None:
+            r["command_line"] = command_line
         if p["report"] is not None:
             write_json(p["report"], r)
         _documents(r, p["markdown"], p["html"])
