@@ -225,15 +225,13 @@ def _request(goal: str, **p: Any) -> None:
                 command_line=command_line)
         except RunFailed as exc:
             if exc.report is not None:
-                _documents(exc.report, p["markdown"], p["html"])
-            _show(exc.report, p["json_out"], p["quiet"])
+                _finish(exc.report, p)
             raise
         finally:
             progress.close()
-        _documents(r, p["markdown"], p["html"])
-        return r
+        _finish(r, p)
 
-    _show(_run(body, p["debug"]), p["json_out"], p["quiet"])
+    _run(body, p["debug"])
 
 
 def _check_documents(checkpoint: Path, markdown: Optional[Path], html: Optional[Path]) -> None:
@@ -245,27 +243,27 @@ def _check_documents(checkpoint: Path, markdown: Optional[Path], html: Optional[
             check_output(path, checkpoint, True, what)
 
 
-def _documents(report: dict, markdown: Optional[Path], html: Optional[Path]) -> None:
+def _finish(report: dict, p: dict[str, Any]) -> None:
+    """After a run: the documents, then the JSON (--json) and the summary, which names every file
+    written (the checkpoint and --report were written by the run already)."""
     from .document import write_document
+    from .report import render_eval
 
-    if markdown is not None:
-        write_document(markdown, report, "markdown")
-    if html is not None:
-        write_document(html, report, "html")
-
-
-def _show(report: Optional[dict], json_out: bool, quiet: bool) -> None:
-    if report is None:
-        return
-    if json_out:
+    wrote = [report["output"]] if report.get("output") else []
+    wrote += [str(p["report"])] if p["report"] is not None else []
+    for path, fmt in ((p["markdown"], "markdown"), (p["html"], "html")):
+        if path is not None:
+            wrote += write_document(path, report, fmt)
+    if p["json_out"]:
         typer.echo(to_json(report))
-    if not quiet:
-        render_run(report, _stderr() if json_out else Console())
+    if not p["quiet"]:
+        render = render_eval if report["command"] == "eval" else render_run
+        render(report, _stderr() if p["json_out"] else Console(), wrote)
 
 
 def _eval(**p: Any) -> None:
     """eval: one library call, then the JSON report, the documents and the summary."""
-    from .report import render_eval, write_json
+    from .report import write_json
     from .workflow import evaluate_checkpoint
 
     options, command_line = _resolved_options(), _command_line()
@@ -279,14 +277,9 @@ def _eval(**p: Any) -> None:
             r["command_line"] = command_line
         if p["report"] is not None:
             write_json(p["report"], r)
-        _documents(r, p["markdown"], p["html"])
-        return r
+        _finish(r, p)
 
-    r = _run(body, p["debug"])
-    if p["json_out"]:
-        typer.echo(to_json(r))
-    if not p["quiet"]:
-        render_eval(r, _stderr() if p["json_out"] else Console())
+    _run(body, p["debug"])
 
 
 _EXAMPLE = "examples/fashion-mnist-lcnet_050.safetensors"
