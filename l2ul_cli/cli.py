@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -49,6 +50,11 @@ class _Group(TyperGroup):
             typer.echo("error: aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # The words as typed, before click consumes them: the report's "command_line".
+        ctx.meta["l2ul.command_line"] = f"{ctx.info_name or 'l2ul'} {shlex.join(args)}"
+        return super().parse_args(ctx, args)
 
 
 class _Panels(TyperCommand):
@@ -152,6 +158,11 @@ def _resolved_options() -> dict[str, Any]:
             for k, v in ctx.params.items()}
 
 
+def _command_line() -> Optional[str]:
+    """The command line as it was called (recorded by :meth:`_Group.parse_args`)."""
+    return click.get_current_context().meta.get("l2ul.command_line")
+
+
 def _stderr() -> Console:
     return Console(stderr=True)
 
@@ -222,7 +233,7 @@ def _request(goal: str, **p: Any) -> None:
     request, attack, unlearn = split(goal, p)
     err = _stderr()
     progress = RichProgress(err, enabled=not p["quiet"])
-    options = _resolved_options()
+    options, command_line = _resolved_options(), _command_line()
     skip = {"checkpoint", "markdown", "html", "json_out", "quiet", "debug", "config", "report", "eval_images",
             "keep", "retain", "arch", "input_size", "mean", "std", "weights", "model_kwargs"}
 
@@ -232,18 +243,17 @@ def _request(goal: str, **p: Any) -> None:
             r = run_request(
                 goal, p["checkpoint"], **{k: v for k, v in request.items() if k not in skip}, **_model_inputs(p),
                 report_path=p["report"], eval_images=p["eval_images"], keep=p["keep"] or (), retain=p["retain"] or (),
-                attack_overrides=attack, unlearn_overrides=unlearn, progress=progress, options=options, **_paths_of(p))
+                attack_overrides=attack, unlearn_overrides=unlearn, progress=progress, options=options,
+                command_line=command_line, **_paths_of(p))
         except RunFailed as exc:
             if exc.report is not None:
-                _documents(exc.report, p["markdown"], p["html"])
-            _show(exc.report, p["json_out"], p["quiet"])
+                _finish(exc.report, p)
             raise
         finally:
             progress.close()
-        _documents(r, p["markdown"], p["html"])
-        return r
+        _finish(r, p)
 
-    _show(_run(body, p["debug"]), p["json_out"], p["quiet"])
+    _run(body, p["debug"])
 
 
 def _check_documents(checkpoint: Path, markdown: Optional[Path], html: Optional[Path]) -> None:
@@ -255,46 +265,43 @@ def _check_documents(checkpoint: Path, markdown: Optional[Path], html: Optional[
             check_output(path, checkpoint, True, what)
 
 
-def _documents(report: dict, markdown: Optional[Path], html: Optional[Path]) -> None:
+def _finish(report: dict, p: dict[str, Any]) -> None:
+    """After a run: the documents, then the JSON (--json) and the summary, which names every file
+    written (the checkpoint and --report were written by the run already)."""
     from .document import write_document
+    from .report import render_eval
 
-    if markdown is not None:
-        write_document(markdown, report, "markdown")
-    if html is not None:
-        write_document(html, report, "html")
-
-
-def _show(report: Optional[dict], json_out: bool, quiet: bool) -> None:
-    if report is None:
-        return
-    if json_out:
+    wrote = [report["output"]] if report.get("output") else []
+    wrote += [str(p["report"])] if p["report"] is not None else []
+    for path, fmt in ((p["markdown"], "markdown"), (p["html"], "html")):
+        if path is not None:
+            wrote += write_document(path, report, fmt)
+    if p["json_out"]:
         typer.echo(to_json(report))
-    if not quiet:
-        render_run(report, _stderr() if json_out else Console())
+    if not p["quiet"]:
+        render = render_eval if report["command"] == "eval" else render_run
+        render(report, _stderr() if p["json_out"] else Console(), wrote)
 
 
 def _eval(**p: Any) -> None:
     """eval: one library call, then the JSON report, the documents and the summary."""
-    from .report import render_eval, write_json
+    from .report import write_json
     from .workflow import evaluate_checkpoint
 
-    options = _resolved_options()
+    options, command_line = _resolved_options(), _command_line()
 
     def body():
         _check_documents(p["checkpoint"], p["markdown"], p["html"])
         r = evaluate_checkpoint(p["checkpoint"], images=p["images"], manifest=p["manifest"], device=p["device"],
                                 compare=p["compare"], forget_set=p["forget_set"], **_model_inputs(p), **_paths_of(p, "report"))
         r["options"] = options
+        if command_line is not None:
+            r["command_line"] = command_line
         if p["report"] is not None:
             write_json(p["report"], r)
-        _documents(r, p["markdown"], p["html"])
-        return r
+        _finish(r, p)
 
-    r = _run(body, p["debug"])
-    if p["json_out"]:
-        typer.echo(to_json(r))
-    if not p["quiet"]:
-        render_eval(r, _stderr() if p["json_out"] else Console())
+    _run(body, p["debug"])
 
 
 _EXAMPLE = "examples/fashion-mnist-lcnet_050.safetensors"

@@ -75,22 +75,13 @@ def check_paths(reads: Mapping[str, Sequence[PathLike | None]], writes: Mapping[
                 raise UsageError(f"{opt} {path} is also {other}: the two would overwrite each other")
 
 
-def document_writes(option: str, path: PathLike | None) -> dict[str, Path]:
-    """A ``--markdown``/``--html`` document and the figure files written beside it."""
-    if path is None:
-        return {}
+def documents_writes(markdown: PathLike | None, html: PathLike | None) -> dict[str, Path]:
+    """The documents' writes: the HTML report alone (its figures are embedded), the Markdown
+    report and the figure files beside it."""
     from .document import figure_paths
 
-    p = Path(path)
-    return {option: p, **{f"{option} (figure {suffix})": png for suffix, png in figure_paths(p)}}
-
-
-def documents_writes(markdown: PathLike | None, html: PathLike | None) -> dict[str, Path]:
-    """Both documents' writes; a figure they share (same stem, same folder: the same picture of
-    the same report) is listed once."""
-    out = document_writes("--markdown", markdown)
-    seen = {_resolved(p) for p in out.values()}
-    for opt, p in document_writes("--html", html).items():
-        if opt == "--html" or _resolved(p) not in seen:
-            out[opt] = p
+    out = {"--html": Path(html)} if html is not None else {}
+    if markdown is not None:
+        p = Path(markdown)
+        out.update({"--markdown": p, **{f"--markdown (figure {suffix})": png for suffix, png in figure_paths(p)}})
     return out

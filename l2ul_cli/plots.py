@@ -1,15 +1,18 @@
-"""PNG figures for the Markdown/HTML reports, drawn from the report dict alone.
+"""PNG figures for the Markdown/HTML reports, drawn from the report dict alone, and the one
+sentence that reads each of them.
 
-matplotlib is optional (the ``plots`` extra): every function returns False and writes nothing
-when it is missing, so a report never fails for want of a picture.
+matplotlib is optional (the ``plots`` extra): every drawing returns None when it is missing, so
+a report never fails for want of a picture; the sentences need nothing.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import math
+from collections import Counter
 from typing import Any
 
-from .files import atomic_write
+from .report import _pct
 
 
 def _pyplot():
@@ -23,20 +26,22 @@ def _pyplot():
     return plt
 
 
-def _save(fig, plt, path: Path) -> bool:
+def _png(fig, plt) -> bytes:
+    """The figure as PNG bytes: the HTML report embeds them, the Markdown one writes them beside."""
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return True
+    return buf.getvalue()
 
 
-def label_matrix(report: dict[str, Any], path: Path) -> bool:
+def label_matrix(report: dict[str, Any]) -> bytes | None:
     """Before→after labels of the request's images (the paper's Fig. 2): a single column that
     collects them all would itself reveal which images were forgotten."""
     plt = _pyplot()
     rows = report.get("images") or []
     if plt is None or not rows:
-        return False
+        return None
     names = sorted({r["label"] for r in rows} | {r["after"] for r in rows})
     index = {n: i for i, n in enumerate(names)}
     counts = [[0] * len(names) for _ in names]
@@ -53,14 +58,14 @@ def label_matrix(report: dict[str, Any], path: Path) -> bool:
             if v:
                 ax.text(j, i, str(v), ha="center", va="center")
     ax.set_title(f"l2ul {report['command']}: labels before → after")
-    return _save(fig, plt, path)
+    return _png(fig, plt)
 
 
-def accuracy_bars(report: dict[str, Any], path: Path) -> bool:
+def accuracy_bars(report: dict[str, Any]) -> bytes | None:
     """forget/relabel: each accuracy before and after; eval: accuracy per class."""
     plt = _pyplot()
     if plt is None:
-        return False
+        return None
     if report.get("command") == "eval":
         names = list(report["per_class"])
         fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(names) + 1.5), 3.2))
@@ -72,7 +77,7 @@ def accuracy_bars(report: dict[str, Any], path: Path) -> bool:
     else:
         keys = [k for k in report["before"] if isinstance(report["before"][k], (int, float))]
         if not keys:
-            return False
+            return None
         fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 3.2))
         xs = range(len(keys))
         for off, when, colour in ((-0.2, "before", "tab:grey"), (0.2, "after", "tab:blue")):
@@ -84,7 +89,7 @@ def accuracy_bars(report: dict[str, Any], path: Path) -> bool:
         ax.set_title(f"l2ul {report['command']} · {report['method']} · {report['n_images']} images")
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
-    return _save(fig, plt, path)
+    return _png(fig, plt)
 
 
 def _mia_panels(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -96,13 +101,13 @@ def _mia_panels(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             if "loss_histogram" in (ev.get(when) or {}).get("mia", {})]
 
 
-def loss_histograms(report: dict[str, Any], path: Path) -> bool:
+def loss_histograms(report: dict[str, Any]) -> bytes | None:
     """Per-image loss of the forget images against held-out images (what a membership-inference
     attacker sees): after a good forget the two overlap or the forget images sit higher."""
     plt = _pyplot()
     panels = _mia_panels(report)
     if plt is None or not panels:
-        return False
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (when, mia) in zip(axes[0], panels):
         h = mia["loss_histogram"]
@@ -115,9 +120,81 @@ def loss_histograms(report: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel("share of images")
         ax.set_title(f"{when + ': ' if when else ''}loss AUC {mia['loss_auc']:.2f}")
         ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, plt, path)
+    return _png(fig, plt)
 
 
-FIGURES = (("labels", "labels before and after", label_matrix),
-           ("accuracy", "accuracy", accuracy_bars),
-           ("mia", "loss of forget vs held-out images", loss_histograms))
+def _known(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def read_labels(report: dict[str, Any]) -> str | None:
+    """Where the request's images went, and whether one class collects them."""
+    rows = report.get("images") or []
+    if not rows:
+        return None
+    n = len(rows)
+    if report.get("command") == "relabel":
+        hit = sum(r["after"] == r.get("new_label") for r in rows)
+        return f"{hit} of {n} images are now predicted as their new label" + ("." if hit == n else f"; {n - hit} are not.")
+    moved = [r["after"] for r in rows if r["after"] != r["label"]]
+    if not moved:
+        return f"None of the {n} images left its label: the model still recognises every one."
+    top, count = Counter(moved).most_common(1)[0]
+    collects = count >= 2 and count / len(moved) > 0.5
+    verdict = (f"{top} collects most of them, which could itself reveal which images were forgotten" if collects
+               else "no single class collects them, so their new labels do not give them away")
+    return (f"{len(moved)} of {n} images now get a class other than their label, spread over {len(set(moved))} "
+            f"class(es) with at most {count / len(moved):.0%} in one: {verdict}.")
+
+
+def _cost_elsewhere(before: Any, after: Any) -> str:
+    """What the --eval accuracy says about the rest of the model."""
+    if not (_known(before) and _known(after)):
+        return "; pass --eval images to see what the change cost elsewhere"
+    drop = 100 * (before - after)
+    verdict = ("the change stayed local" if drop <= 1 else "a small cost elsewhere" if drop <= 5
+               else "the model lost accuracy elsewhere")
+    return f", while accuracy on the --eval images went from {_pct(before)} to {_pct(after)} ({-drop:+.1f} points): {verdict}"
+
+
+def read_accuracy(report: dict[str, Any]) -> str | None:
+    """The goal's accuracy before and after, and the cost on --eval images; eval: the class spread."""
+    if report.get("command") == "eval":
+        pc = {k: v["accuracy"] for k, v in report["per_class"].items() if _known(v["accuracy"])}
+        if not pc:
+            return None
+        lo, hi = min(pc, key=pc.__getitem__), max(pc, key=pc.__getitem__)
+        return (f"Top-1 accuracy {_pct(report['accuracy'])} on {report['n_images']} images; per class it ranges from "
+                f"{_pct(pc[lo])} ({lo}) to {_pct(pc[hi])} ({hi}).")
+    forget = report["command"] == "forget"
+    key = "forget_accuracy" if forget else "relabel_accuracy"
+    what = "accuracy on the forget images" if forget else "share of images predicted as their new label"
+    before, after = report["before"], report["after"]
+    return (f"The {what} went from {_pct(before.get(key))} to {_pct(after.get(key))}"
+            + _cost_elsewhere(before.get("accuracy"), after.get("accuracy")) + ".")
+
+
+def read_mia(report: dict[str, Any]) -> str | None:
+    """What the loss AUC (forget vs unseen images) tells an attacker, after the run."""
+    panels = _mia_panels(report)
+    auc = panels[-1][1].get("loss_auc") if panels else None
+    if not _known(auc):
+        return None
+    if abs(auc - 0.5) <= 0.1:
+        text = (f"AUC {auc:.2f}: close to 0.5, so an attacker comparing losses can hardly tell the forget images "
+                "from unseen ones")
+    elif auc > 0.5:
+        text = (f"AUC {auc:.2f}: an attacker still tells the forget images from unseen ones — their losses are "
+                "lower, as a training image's are; 0.5 would be indistinguishable")
+    else:
+        text = (f"AUC {auc:.2f}: an attacker separates the forget images from unseen ones better than chance — "
+                "their losses are now higher than unseen images', which itself reveals them; 0.5 would be "
+                "indistinguishable")
+    before = panels[0][1].get("loss_auc") if len(panels) == 2 else None
+    return text + (f" (before the run: {before:.2f})." if _known(before) else ".")
+
+
+# (file suffix, alt text, drawing, its sentence): a figure and its reading come from the same numbers.
+FIGURES = (("labels", "labels before and after", label_matrix, read_labels),
+           ("accuracy", "accuracy", accuracy_bars, read_accuracy),
+           ("mia", "loss of forget vs held-out images", loss_histograms, read_mia))

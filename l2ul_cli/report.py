@@ -10,12 +10,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 from .files import atomic_write
+from .health import describe
 
 # The report's keys for the images the projection holds, and how the output names them.
 HELD_SETS = (("retain", "--retain images"), ("stand_ins", "stand-in images"))
@@ -47,8 +48,14 @@ def _pct(v: Any) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.1f}%"
 
 
-def render_run(report: dict[str, Any], console: Console) -> None:
-    """Terminal summary of ``forget`` / ``relabel``."""
+def _wrote(paths: Sequence[str], console: Console) -> None:
+    """One line naming every file the command wrote, so none has to be looked for."""
+    if paths:
+        console.print("wrote: " + ", ".join(str(p) for p in paths), markup=False, highlight=False, soft_wrap=True)
+
+
+def render_run(report: dict[str, Any], console: Console, wrote: Sequence[str] = ()) -> None:
+    """Terminal summary of ``forget`` / ``relabel``; ``wrote``: the files written, checkpoint first."""
     cmd = report["command"]
     key = "forget_accuracy" if cmd == "forget" else "relabel_accuracy"
     label = "accuracy on the forget images" if cmd == "forget" else "images predicted as their new label"
@@ -76,15 +83,19 @@ def render_run(report: dict[str, Any], console: Console) -> None:
         console.print(f"updates kept orthogonal to {report['projection']}")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
-    if ok:
-        console.print(f"[green]goal met[/] · wrote {report['output']}")
+    if report.get("health"):
+        console.print(describe(report["health"]), style="red" if report["healthy"] is False else None, markup=False,
+                      soft_wrap=True)
+    if not report.get("output"):
+        where = " · no checkpoint written"
     else:
-        where = f"wrote {report['output']} (--allow-partial)" if report.get("output") else "no checkpoint written"
-        console.print(f"[red]goal not met[/] after {report['steps']} steps · {where}")
+        where = " · checkpoint kept (--allow-partial)" if not ok or report.get("healthy") is False else ""
+    console.print(("[green]goal met[/]" if ok else f"[red]goal not met[/] after {report['steps']} steps") + where)
+    _wrote(wrote, console)
 
 
-def render_eval(report: dict[str, Any], console: Console) -> None:
-    """Terminal summary of ``eval``."""
+def render_eval(report: dict[str, Any], console: Console, wrote: Sequence[str] = ()) -> None:
+    """Terminal summary of ``eval``; ``wrote``: the report files written."""
     table = Table(title=f"l2ul eval · {report['arch']} · {report['n_images']} images · {report['device']}", header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -112,6 +123,7 @@ def render_eval(report: dict[str, Any], console: Console) -> None:
     console.print(pc)
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+    _wrote(wrote, console)
 
 
 def render_history(report: dict[str, Any], console: Console) -> None:

@@ -203,6 +203,7 @@ def run_request(
     extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
     weights: Weights = "auto",
     model_kwargs: dict[str, Any] | None = None,
+    command_line: str | None = None,
 ) -> dict[str, Any]:
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
 
@@ -252,6 +253,8 @@ def run_request(
     report["healthy"] = health["healthy"]
     if options is not None:
         report["options"] = options  # as resolved from flags, --config and defaults
+    if command_line is not None:
+        report["command_line"] = command_line  # as typed, so a report says how to run it again
     report["seconds"] = seconds
     if (result.goal_met and health["healthy"] is not False) or allow_partial:
         t0 = time.perf_counter()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import html
 import importlib.util
+import io
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -401,14 +406,19 @@ def test_relabel_from_manifest(digits_checkpoint, digits, tmp_path):
     rows = ["path,new_label,label"] + [f"imgs/img-{i:04d}.png,{DIGIT_NAMES[(int(y[i]) + 1) % 10]},{DIGIT_NAMES[int(y[i])]}" for i in idx]
     (tmp_path / "fixes.csv").write_text("\ufeff" + "\n".join(rows) + "\n\n")
     rep = tmp_path / "r.json"
+    page = tmp_path / "r.html"
     r = run("relabel", digits_checkpoint, "--manifest", tmp_path / "fixes.csv", "--out", tmp_path / "o.safetensors",
-            "--report", rep, *FAST)
+            "--report", rep, "--html", page, *FAST)
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
     assert report["before"]["relabel_accuracy"] == 0.0
     assert report["after"]["relabel_accuracy"] == 1.0
     assert report["goal_met"] is True
     assert [row["after"] for row in report["images"]] == [row["new_label"] for row in report["images"]]
+    # Each image's thumbnail row in the HTML report: label, before, after, new label.
+    expected = [(Path(i["path"]).name, i["label"], i["before"], i["after"], i["new_label"]) for i in report["images"]]
+    assert _thumbnail_rows(page.read_text(), 4) == expected
+    assert "4 of 4 images are now predicted as their new label." in page.read_text()
 
 
 def test_manifest_paths_outside_its_folder_are_reported(digits_checkpoint, forget_dir, tmp_path):
@@ -504,7 +514,7 @@ def test_markdown_and_html_reports_with_figures(digits_checkpoint, forget_dir, h
         for stem in ("r",):
             png = tmp_path / f"{stem}-{name}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"(r-{name}.png)" in text and f'src="r-{name}.png"' in doc
+        assert f"(r-{name}.png)" in text
 
 
 def test_eval_html_report(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
@@ -514,8 +524,62 @@ def test_eval_html_report(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
     doc = page.read_text()
     assert "<h1>l2ul eval</h1>" in doc and "Membership inference" in doc
     if importlib.util.find_spec("matplotlib") is not None:
-        assert 'src="e-accuracy.png"' in doc and 'src="e-mia.png"' in doc
-        assert not (tmp_path / "e-labels.png").exists()  # no request images in an eval
+        assert doc.count('<img src="data:image/png;base64,') == 2  # accuracy and MIA, embedded
+        assert not list(tmp_path.glob("e-*.png"))  # an HTML report writes nothing beside it
+
+
+def _thumbnail_rows(doc: str, columns: int) -> list[tuple[str, ...]]:
+    """The HTML Images table's rows that start with an embedded thumbnail: (file name, *cells)."""
+    cells = "".join(r"<td>([^<]*)</td>" for _ in range(columns))
+    return re.findall(r'<tr><td><img class="thumb" src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="[^"]*">'
+                      rf"<code>([^<]*)</code></td>{cells}</tr>", doc)
+
+
+def test_html_report_stands_alone_and_the_summary_names_every_file(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    """--html is one file to send: every figure and a thumbnail of each forget image embedded (no
+    link to a local file), the version, the command line and a sentence reading each figure; the
+    terminal summary names every file written and the health check."""
+    from l2ul_cli import __version__
+    from l2ul_cli.health import describe
+
+    out, rep, md, page = (tmp_path / n for n in ("o.safetensors", "r.json", "r.md", "r.html"))
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--report", rep, "--eval", heldout_dir,
+            "--markdown", md, "--html", page, *[a for a in FAST if a != "-q"])
+    assert r.exit_code == 0, r.output
+    report, doc, text = json.loads(rep.read_text()), page.read_text(), md.read_text()
+    links = re.findall(r'(?:src|href)="([^"]*)"', doc)
+    assert links and all(link.startswith("data:image/png;base64,") for link in links)
+    expected = [(Path(i["path"]).name, i["label"], i["before"], i["after"]) for i in report["images"]]
+    assert len(expected) == 8 and _thumbnail_rows(doc, 3) == expected
+    thumb = re.search(r'class="thumb" src="data:image/png;base64,([^"]+)"', doc).group(1)
+    assert Image.open(io.BytesIO(base64.b64decode(thumb))).size == (64, 64)  # 16-px digits, scaled up
+    cmd = report["command_line"]
+    assert cmd.startswith("l2ul forget ") and f"--html {page}" in cmd and "--eval" in cmd
+    for document in (doc, text):
+        assert f"l2ul {__version__}" in document
+    assert f"<pre>{html.escape(cmd)}</pre>" in doc and f"```text\n{cmd}\n```" in text
+    reading = "The accuracy on the forget images went from 100.0% to 0.0%, while accuracy on the --eval images went"
+    assert reading in text and html.escape(reading) in doc
+    auc = report["eval"]["after"]["mia"]["loss_auc"]
+    assert f"AUC {auc:.2f}: " in text and "0.5" in text.split(f"AUC {auc:.2f}: ")[1].split("\n")[0]
+    assert re.search(r"\d of 8 images now get a class other than their label", text)
+    pngs = [tmp_path / f"r-{n}.png" for n in ("labels", "accuracy", "mia")] if importlib.util.find_spec("matplotlib") else []
+    (line,) = [line for line in r.stdout.splitlines() if line.startswith("wrote: ")]
+    assert line == "wrote: " + ", ".join(str(f) for f in (out, rep, md, *pngs, page))
+    assert set(tmp_path.iterdir()) == {forget_dir, out, rep, md, *pngs, page}  # nothing written unnamed
+    assert describe(report["health"]) in r.stdout.splitlines()
+
+
+def test_eval_summary_names_its_files(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    rep, md = tmp_path / "e.json", tmp_path / "e.md"
+    r = run("eval", digits_checkpoint, "--images", heldout_dir, "--forget", forget_dir, "--report", rep,
+            "--markdown", md, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    pngs = [tmp_path / f"e-{n}.png" for n in ("accuracy", "mia")] if importlib.util.find_spec("matplotlib") else []
+    assert r.stdout.splitlines()[-1] == "wrote: " + ", ".join(str(f) for f in (rep, md, *pngs))
+    report, text = json.loads(rep.read_text()), md.read_text()
+    assert report["command_line"].startswith("l2ul eval ") and report["command_line"] in text
+    assert f"Top-1 accuracy {100 * report['accuracy']:.1f}% on 297 images; per class it ranges from" in text
 
 
 def test_report_into_missing_folder_is_refused_before_the_work(digits_checkpoint, forget_dir, tmp_path):

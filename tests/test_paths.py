@@ -78,17 +78,19 @@ def test_two_writes_to_one_path_are_refused(tmp_path):
         check_paths({}, {"--report": tmp_path / "x", "--out": tmp_path / "." / "x"})
 
 
-def test_document_figures_are_writes_and_shared_ones_listed_once(tmp_path):
+def test_markdown_figures_are_writes_and_the_html_report_writes_only_itself(tmp_path):
     writes = documents_writes(tmp_path / "r.md", tmp_path / "r.html")
     assert writes["--markdown"] == tmp_path / "r.md" and writes["--html"] == tmp_path / "r.html"
     figures = [p for k, p in writes.items() if "figure" in k]
     assert tmp_path / "r-labels.png" in figures and len(figures) == len(set(figures)) == 3
-    check_paths({}, writes)  # the two documents may share their figures
+    assert not [k for k in writes if k.startswith("--html (")]  # its figures are embedded
+    check_paths({}, writes)
     img = tmp_path / "imgs" / "r-labels.png"
     img.parent.mkdir()
     img.write_bytes(b"png")
-    with pytest.raises(UsageError, match=r"--html \(figure labels\)"):
-        check_paths({"--images": [img.parent]}, documents_writes(None, img.parent / "r.html"))
+    with pytest.raises(UsageError, match=r"--markdown \(figure labels\)"):
+        check_paths({"--images": [img.parent]}, documents_writes(img.parent / "r.md", None))
+    check_paths({"--images": [img.parent]}, documents_writes(None, tmp_path / "r.html"))
 
 
 def test_unusable_names_do_not_crash_the_check(tmp_path):
