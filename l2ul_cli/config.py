@@ -147,6 +147,8 @@ class UnlearnConfig:
     synthetic_lr: float = 0.1  # Adam's step on the stand-ins' pixel logits
     # Share of the retained images' input energy per layer that updates must not touch
     # (RESULTS.md "Projected updates": 0.995 kept 0.4-1.2 more points than 0.97).
+    retain_fraction: float = _opt(0.3, "LTU: the share of the --retain images its query sets and membership "
+                                  "models draw from.", panel="Retention")
     retain_energy: float = _opt(0.995, "Share of the retained images' input energy per layer that updates "
                                 "must not touch.", panel="Retention")
     projected_lr: float | None = None  # the learning rate of projected updates (None: lr)
@@ -192,7 +194,12 @@ METHODS: dict[str, dict[str, Any]] = {
              "synthetic_per_image": 8, "synthetic_retain_max": 512,
              "adv_weight_images": 16, "adv_weight_per_image": 0.8, "adv_weight_max": 100.0,
              "divergence_retries": 3, "max_steps": 2000, "shift_copies": 8, "mix_copies": 8},
+    # LTU (Huang et al., ECCV 2024) is an algorithm of its own (:mod:`.ltu`): of these settings it
+    # takes the learning rate, the step cap and retain_fraction; the rest are its LTUConfig's.
+    "ltu": {"objective": "ce", "adv_loss": "none", "importance": False, "lr": 1e-3, "max_steps": 1000},
 }
+# Methods that are algorithms of their own rather than compositions of the core's parts.
+SEPARATE_METHODS = ("ltu",)
 DEFAULT_METHOD = "l2ul"
 # The reference code's attack: ε 4 at any image size (its README: 1 to 5), a fresh random target
 # for every copy.
@@ -238,6 +245,10 @@ def resolve(method: str, goal: str, **overrides: Any) -> UnlearnConfig:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
     cfg = preset(method, **given)
+    if "retain_fraction" in given and method != "ltu":
+        raise UsageError(f"--retain-fraction is a setting of --method ltu, not of {method}")
+    if not 0.0 < cfg.retain_fraction <= 1.0:
+        raise UsageError(f"--retain-fraction must be in (0, 1] (got {cfg.retain_fraction})")
     if "margin" in given and cfg.objective != "margin":
         raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
     for key in ("shift_copies", "mix_copies"):

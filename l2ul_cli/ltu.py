@@ -56,7 +56,9 @@ from torch.func import functional_call
 from .attack import draw_targets
 from .errors import NumericalError, UsageError
 from .evaluate import predict
+from .config import UnlearnConfig
 from .goals import FORGET, Goal, goal_named
+from .unlearn import ImageSet, UnlearnResult
 
 __all__ = ["FEATURES", "STRATEGIES", "LTUConfig", "LTUResult", "MembershipModel", "MetaGradients", "augment",
            "draw_queries", "harmonize", "ltu_unlearn", "membership_feature", "meta_gradients",
@@ -295,14 +297,15 @@ def _support_rows(met: torch.Tensor, size: int, generator: torch.Generator) -> t
 
 
 def _step(model: nn.Module, params: dict[str, torch.Tensor], sets: _Sets, met: torch.Tensor, goal: Goal,
-          mias: list[MembershipModel], config: LTUConfig, generator: torch.Generator) -> tuple[bool, MetaGradients]:
+          mias: list[MembershipModel], config: LTUConfig, generator: torch.Generator,
+          first_order: bool) -> tuple[bool, MetaGradients]:
     """One meta-tune, meta-test and meta-update; returns whether the gradients conflicted."""
     rows = _support_rows(met, config.support_size, generator).to(sets.forget.device)
     queries = torch.cat(draw_queries(model, sets.retain, sets.retain_y, config.query_size, config.strategies, generator))
     queries = queries.to(sets.retain.device)
     grads = meta_gradients(model, params, _forget_objective(sets, rows, goal, mias, config.mia_weight),
                            sets.forget[rows], sets.retain[queries], sets.retain_y[queries],
-                           inner_lr=config.inner_lr, first_order=config.first_order)
+                           inner_lr=config.inner_lr, first_order=first_order)
     g_f = torch.cat([g.flatten() for g in grads.forget])
     g_r = config.remember_weight * torch.cat([g.flatten() for g in grads.remember])
     if not (torch.isfinite(g_f).all() and torch.isfinite(g_r).all()):
@@ -342,12 +345,21 @@ def ltu_unlearn(
     t0 = time.perf_counter()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     steps = harmonized = conflicts = 0
+    first_order = config.first_order
     history: list[tuple[float, float]] = []
     while True:
         met = goal.met(predict(model, sets.forget.split(256), device, device), sets.forget_y)
         if bool(met.all()) or steps >= config.max_steps:
             break
-        conflict, grads = _step(model, params, sets, met, goal, mias, config, generator)
+        try:
+            conflict, grads = _step(model, params, sets, met, goal, mias, config, generator, first_order)
+        except RuntimeError as exc:  # raised before the update: the weights are unchanged
+            if first_order or "not implemented" not in str(exc):
+                raise
+            first_order = True  # e.g. hardswish and hardsigmoid have no second derivative in torch
+            notes.append(f"second-order meta-gradient unavailable for this network ({str(exc).splitlines()[0]}); "
+                         "the first-order approximation was used")
+            continue
         steps, conflicts = steps + 1, conflicts + conflict
         harmonized += int(conflict and config.harmonize)
         history.append((grads.forget_loss, grads.remember_loss))
@@ -384,3 +396,25 @@ def _mean_membership(mias: list[MembershipModel], logits: torch.Tensor, labels: 
         return None
     with torch.no_grad():
         return _membership(mias, logits, labels).mean().item()
+
+
+def run_ltu(model: nn.Module, new: ImageSet, retain: torch.Tensor, holdout: ImageSet | None, *, goal: Goal,
+            config: UnlearnConfig, seed: int, device: torch.device) -> UnlearnResult:
+    """``--method ltu`` as a request runs it: the retain images' labels are the model's own
+    predictions (``--retain`` needs none), the learning rate, step cap and retain share come
+    from the request's settings, and the result reads as the core's does (report, health check)."""
+    cfg = LTUConfig(lr=config.lr, max_steps=config.max_steps, retain_fraction=config.retain_fraction, seed=seed)
+    retain_before = predict(model, retain.split(256), device).argmax(1)
+    r = ltu_unlearn(model, new.images, new.targets, retain, retain_before, goal=goal, config=cfg, device=device,
+                    holdout_x=holdout.images if holdout is not None else None,
+                    holdout_y=holdout.labels if holdout is not None else None)
+    # Every --retain image, most of which LTU never saw, is the health check's probe.
+    agreement = float((predict(model, retain.split(256), device).argmax(1) == retain_before).float().mean())
+    return UnlearnResult(
+        goal_met=r.goal_met, steps=r.steps, seconds=r.seconds, logits=r.logits, notes=r.notes, retained="retain",
+        agreement=agreement, probes={"retain": {"n_images": len(retain), "agreement": agreement}},
+        loss_history=[f for f, _ in r.loss_history],
+        extra={"ltu": {"harmonized": r.harmonized, "conflicts": r.conflicts, "retain_fraction": cfg.retain_fraction,
+                       "membership_before": r.membership_before, "membership_after": r.membership_after,
+                       "holdout": len(holdout) if holdout is not None else 0}},
+    )

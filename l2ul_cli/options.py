@@ -74,6 +74,9 @@ REQUEST: tuple[Opt, ...] = (
     Opt("retain", ("--retain",), Optional[List[Path]], None, "Other images of the same domain (folder or CSV, labels "
         "not needed): updates are kept orthogonal to what the model's layers see on them; repeatable.",
         panel="Retention"),
+    Opt("holdout", ("--holdout",), _P, None, "Labelled images the model never trained on (folder or CSV): "
+        "--method ltu trains its membership models on them against --retain.", panel="Retention",
+        commands=("forget",)),
     Opt("keep", ("--keep",), Optional[List[Path]], None, "Images of earlier requests (folder or CSV) that must stay "
         "forgotten/relabelled; repeatable.", panel="Continual"),
     Opt("original", ("--original",), _P, None, "The checkpoint before the first request of a stream (with --keep): "

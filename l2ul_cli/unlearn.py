@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,7 @@ class UnlearnResult:
     loss_history: list[float] = field(default_factory=list)  # per step, without the importance penalty
     precision: str = "fp32"  # what the attack and the stand-ins ran in
     adv_weight: float = 0.0  # of the adversarial term at the end: halved on each divergence retry
+    extra: dict[str, Any] = field(default_factory=dict)  # a method's own report keys (e.g. LTU's "ltu")
 
 
 @contextmanager

@@ -168,6 +168,8 @@ class _Request:
     broken: str | None  # why the input's ledger cannot be continued (checked before any update)
     evaluated: list[Sample]  # --eval images
     notes: list[str]
+    method: str = DEFAULT_METHOD
+    holdout: ImageSet | None = None  # --holdout: labelled images the model never trained on
 
 
 def run_request(
@@ -196,6 +198,7 @@ def run_request(
     retain: Sequence[str | os.PathLike] = (),
     original: str | os.PathLike | None = None,
     eval_images: str | os.PathLike | None = None,
+    holdout: str | os.PathLike | None = None,
     precision: Precision = "auto",
     progress: Progress | None = None,
     options: dict[str, Any] | None = None,
@@ -225,23 +228,19 @@ def run_request(
     req = _prepare(goal, checkpoint, images=images, manifest=manifest, load_kw=load_kw, out=out, report_path=report_path,
                    method=method, device=device, force=force,
                    attack=attack or attack_config(method, **(attack_overrides or {})), overrides=unlearn_overrides or {},
-                   keep=keep, retain=retain, original=original, eval_images=eval_images,
+                   keep=keep, retain=retain, original=original, eval_images=eval_images, holdout=holdout,
                    reads=extra_reads or {}, writes=extra_writes or {})
     seconds = {"load": time.perf_counter() - t0}
-    model, dev, loaded = req.loaded.model, req.device, req.loaded
+    model, dev = req.loaded.model, req.device
     before_logits = predict(model, [req.new.images], dev)
     keep_before = predict(model, [req.keep.images], dev) if req.keep is not None else None
     # With --eval, a forget request also gets the membership-inference check before and after.
     mia_set = [replace(s, label=int(req.new.labels[i])) for i, s in enumerate(req.samples)] if req.goal.away else None
     evaluated = [_evaluate(req, mia_set)] if req.evaluated else []
-    result = unlearn(
-        model, req.new.images, req.new.targets.to(dev), goal=req.goal, num_classes=loaded.num_classes, config=req.config,
-        attack=req.attack, attack_labels=req.new.labels.to(dev), seed=seed, precision=precision,
-        progress=progress or NullProgress(), retain=req.retain, keep=req.keep,
-        original=req.first.model if req.first is not None else None,
-    )
+    result = _run_method(req, seed=seed, precision=precision, progress=progress or NullProgress())
     seconds.update(result.seconds)
     report = _report(req, result, method=method, seed=seed, before_logits=before_logits, keep_before=keep_before)
+    report.update(result.extra)
     probes = dict(result.probes)
     if evaluated:
         evaluated.append(_evaluate(req, mia_set))
@@ -270,6 +269,21 @@ def run_request(
     return report
 
 
+def _run_method(req: _Request, *, seed: int, precision: Precision, progress: Progress) -> UnlearnResult:
+    """The method's algorithm: the core's composition (:func:`.unlearn.unlearn`), or LTU's own."""
+    if req.method == "ltu":
+        from .ltu import run_ltu
+
+        return run_ltu(req.loaded.model, req.new, req.retain, req.holdout, goal=req.goal, config=req.config,
+                       seed=seed, device=req.device)
+    return unlearn(
+        req.loaded.model, req.new.images, req.new.targets.to(req.device), goal=req.goal,
+        num_classes=req.loaded.num_classes, config=req.config, attack=req.attack,
+        attack_labels=req.new.labels.to(req.device), seed=seed, precision=precision, progress=progress,
+        retain=req.retain, keep=req.keep, original=req.first.model if req.first is not None else None,
+    )
+
+
 def _goal_not_met(goal: Goal, report: dict[str, Any], allow_partial: bool) -> GoalNotMet:
     after = report["after"][goal.report_key]
     return GoalNotMet(f"goal not met after {report['steps']} steps ({after:.1%} {goal.unmet}); "
@@ -279,7 +293,7 @@ def _goal_not_met(goal: Goal, report: dict[str, Any], allow_partial: bool) -> Go
 
 def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load_kw: dict[str, Any], out, report_path,
              method: str, device: str, force: bool, attack: AttackConfig, overrides: dict[str, Any],
-             keep, retain, original, eval_images, reads: Mapping[str, Any], writes: Mapping[str, Any]) -> _Request:
+             keep, retain, original, eval_images, holdout, reads: Mapping[str, Any], writes: Mapping[str, Any]) -> _Request:
     """Check every option and input, load the model and the images; nothing expensive yet."""
     g = goal_named(goal)
     cfg = resolve(method, g.name, **overrides)
@@ -288,7 +302,8 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load
     out_path = Path(out) if out is not None else default_output(ckpt, g.name)
     writes = {"--out": out_path, "--report": report_path, **writes}
     check_paths({"CHECKPOINT": [ckpt], "--original": [original], "--images": [images], "--manifest": [manifest],
-                 "--keep": keep, "--retain": retain, "--eval": [eval_images], **reads}, writes)
+                 "--keep": keep, "--retain": retain, "--eval": [eval_images], "--holdout": [holdout], **reads}, writes)
+    _check_method_inputs(method, retain=retain, keep=keep, original=original, holdout=holdout)
     loaded = load_model(ckpt, device=dev, **load_kw)
     check_output(out_path, ckpt, force)
     if report_path is not None:
@@ -304,7 +319,8 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load
     kept = _keep_samples(loaded, keep, g)
     retained = _retain_samples(loaded, retain)
     evaluated = load_samples(loaded, eval_images, None) if eval_images is not None else []
-    _check_images(images, samples, kept, retained, evaluated, writes)
+    held_out = _holdout_samples(loaded, holdout, samples)
+    _check_images(images, samples, kept, retained, evaluated + held_out, writes)
     n_all = len(samples) + len(kept)  # and their copies: adversarial, shifted, blended; stand-ins or --retain
     check_planned_memory(n_all * (1 + attack.n_adv + cfg.shift_copies + cfg.mix_copies)
                          + (len(retained) or cfg.stand_ins(n_all)), loaded.preprocessing,
@@ -313,7 +329,33 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load
     return _Request(g, cfg, attack, dev, ckpt, out_path, loaded, samples, kept, retained, new,
                     _image_set(loaded, kept, g, dev) if kept else None,
                     load_images(retained, loaded.preprocessing).to(dev) if retained else None,
-                    first, None if original is None else str(original), _broken_ledger(loaded), evaluated, notes)
+                    first, None if original is None else str(original), _broken_ledger(loaded), evaluated, notes,
+                    method, _image_set(loaded, held_out, goal_named("forget"), dev) if held_out else None)
+
+
+def _check_method_inputs(method: str, *, retain, keep, original, holdout) -> None:
+    """Inputs a method needs or would ignore, refused before anything loads."""
+    if method == "ltu":
+        if not retain:
+            raise UsageError("--method ltu needs --retain images of the domain (its meta-test and membership models use them)")
+        if keep or original is not None:
+            raise UsageError("--method ltu does not take --keep or --original (continual requests are the core methods')")
+    elif holdout is not None:
+        raise UsageError(f"--holdout is used by --method ltu; {method} would ignore it")
+
+
+def _holdout_samples(loaded: LoadedModel, holdout, forget: Sequence[Sample]) -> list[Sample]:
+    """--holdout images, labelled, none of them a forget image (same file contents)."""
+    if holdout is None:
+        return []
+    from .files import sha256_file
+
+    got = _folder_or_manifest(loaded, holdout)
+    _labelled(got, "--holdout")
+    forget_sha = {sha256_file(s.path) for s in forget}
+    if same := [s for s in got if sha256_file(s.path) in forget_sha]:
+        raise InputError(f"{same[0].source}: is also a forget image; --holdout must be images the model never trained on")
+    return got
 
 
 def _check_images(images, samples: list[Sample], kept: list[Sample], retained: list[Sample], evaluated: list[Sample],
@@ -373,7 +415,7 @@ def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, bef
     if result.retained in held:
         report[result.retained] = {"n_images": held[result.retained], "agreement": result.agreement}
     for key, what in HELD_SETS:
-        if key in report and report[key]["agreement"] < HELD_AGREEMENT:
+        if key in report and report[key]["agreement"] < HELD_AGREEMENT and result.projection:
             report["notes"].append(f"warning: only {report[key]['agreement']:.1%} of the {what} keep their prediction "
                                    "although the projection holds them: accuracy elsewhere has probably dropped "
                                    "(measure it with --eval)")

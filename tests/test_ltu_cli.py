@@ -1,0 +1,50 @@
+"""--method ltu through the CLI: its inputs, its report keys, and the refusals around it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from conftest import FORGET_IDX, write_pngs
+from test_cli import one_error_line, run
+
+
+def _retain(tmp_path, digits, n=160):
+    u8, y = digits
+    picks = [i for i in range(0, 1500, 7) if i not in FORGET_IDX][:n]
+    return write_pngs(tmp_path / "retain", u8, y, picks)
+
+
+def test_ltu_forgets_and_reports_its_harmonization(digits_checkpoint, digits, forget_dir, heldout_dir, tmp_path):
+    rep, out = tmp_path / "r.json", tmp_path / "out.safetensors"
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--method", "ltu", "--retain", _retain(tmp_path, digits),
+            "--holdout", heldout_dir, "--out", out, "--report", rep, "--device", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["method"] == "ltu" and report["goal_met"] and report["after"]["forget_accuracy"] == 0.0
+    ltu = report["ltu"]
+    assert 0 <= ltu["harmonized"] <= ltu["conflicts"] <= report["steps"] and ltu["holdout"] == 297
+    assert 0.0 <= ltu["membership_after"] <= 1.0 and ltu["retain_fraction"] == 0.3
+    assert report["health"]["healthy"] and report["retain"]["n_images"] == 160
+    assert report["retain"]["agreement"] > 0.75 and out.exists()
+
+
+def test_ltu_inputs_are_checked_before_any_work(digits_checkpoint, digits, forget_dir, heldout_dir, tmp_path):
+    out = tmp_path / "out.safetensors"
+    base = ["forget", digits_checkpoint, "--images", forget_dir, "--out", out, "--device", "cpu", "-q"]
+    r = run(*base, "--method", "ltu")
+    assert r.exit_code == 2 and "--retain" in one_error_line(r)
+    retain = _retain(tmp_path, digits, 20)
+    r = run(*base, "--holdout", heldout_dir)
+    assert r.exit_code == 2 and "--holdout" in one_error_line(r)
+    r = run(*base, "--retain-fraction", "0.5", "--retain", retain)
+    assert r.exit_code == 2 and "--retain-fraction" in one_error_line(r)
+    r = run(*base, "--method", "ltu", "--retain", retain, "--retain-fraction", "1.5")
+    assert r.exit_code == 2 and "(0, 1]" in one_error_line(r)
+    leaky = tmp_path / "holdout"
+    shutil.copytree(heldout_dir, leaky)
+    first = next(p for p in forget_dir.rglob("*.png"))
+    shutil.copy(first, leaky / first.parent.name / "copy.png")
+    r = run(*base, "--method", "ltu", "--retain", retain, "--holdout", leaky)
+    assert r.exit_code == 1 and "forget image" in one_error_line(r)
+    assert not out.exists()
