@@ -76,3 +76,13 @@ def test_collateral_script_smoke():
     classes = rows[1:11]
     assert len(classes) == 10 and sum(int(row[1]) for row in classes) == 4  # every forget image in its class row
     assert rows[-2][0] == "| right -> wrong" and rows[-1][0] == "| all right before"
+
+
+@needs_fmnist
+def test_reference_benchmark_smoke(tmp_path):
+    out = _run("reference.py", "--ks", "2", "--seeds", "2", "--n-adv", "2", "--attack-steps", "3",
+               "--methods", "neggrad", "adv+imp[bn=eval]", tmp_path=tmp_path)
+    assert "| BEFORE |" in out and "official D_test" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| neggrad | 2 |", "| adv+imp[bn=eval] | 2 |"))]
+    assert len(rows) == 2 and all(r[8].count("/") == 1 for r in rows)  # goal met n/2, with the spread over 2 seeds
+    assert all("±" in r[3] for r in rows)
