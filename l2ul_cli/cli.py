@@ -25,6 +25,7 @@ from typing_extensions import Annotated
 from . import __version__
 from .config import PANELS
 from .errors import L2ULError, RunFailed, UsageError
+from .threads import choose_threads
 from .options import Opt, for_command, split
 from .progress import RichProgress
 from .report import render_run, to_json
@@ -202,19 +203,33 @@ def _model_inputs(p: dict[str, Any]) -> dict[str, Any]:
     """The options that say how to build the model and read its images, parsed."""
     return {"arch": p["arch"], "input_size": _ints(p["input_size"], "--input-size"),
             "mean": _floats(p["mean"], "--mean"), "std": _floats(p["std"], "--std"),
-            "weights": p["weights"], "model_kwargs": _json_object(p["model_kwargs"], "--model-kwargs")}
+            "weights": p["weights"], "model_kwargs": _model_kwargs(p["model_kwargs"]),
+            "threads": choose_threads(p["threads"])}
 
 
-def _json_object(text: Optional[str], what: str) -> Optional[dict[str, Any]]:
+def _model_kwargs(text: Optional[str]) -> Optional[dict[str, Any]]:
+    """--model-kwargs: a JSON object, or timm's train.py style ``key=value`` pairs (comma- or
+    space-separated; values read as Python literals, else kept as strings)."""
+    import ast
+
     if text is None:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{what}: not JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{what}: needs a JSON object, e.g. '{{\"img_size\": 32}}'")
-    return value
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--model-kwargs: not JSON ({exc.msg} at character {exc.pos})") from None
+        return value
+    out: dict[str, Any] = {}
+    for pair in text.replace(",", " ").split():
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--model-kwargs: '{pair}' is not key=value (e.g. img_size=32,patch_size=4, or a JSON object)")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
 
 
 def _paths_of(p: dict[str, Any], *writes: str) -> dict[str, Any]:
@@ -235,7 +250,7 @@ def _request(goal: str, **p: Any) -> None:
     progress = RichProgress(err, enabled=not p["quiet"])
     options, command_line = _resolved_options(), _command_line()
     skip = {"checkpoint", "markdown", "html", "json_out", "quiet", "debug", "config", "report", "eval_images",
-            "keep", "retain", "arch", "input_size", "mean", "std", "weights", "model_kwargs"}
+            "keep", "retain", "arch", "input_size", "mean", "std", "weights", "model_kwargs", "threads"}
 
     def body():
         _check_documents(p["checkpoint"], p["markdown"], p["html"])
@@ -321,7 +336,7 @@ def _info(**p: Any) -> None:
     from .report import render_info
 
     r = _run(lambda: checkpoint_info(p["checkpoint"], p["arch"], weights=p["weights"],
-                                     model_kwargs=_json_object(p["model_kwargs"], "--model-kwargs")), p["debug"])
+                                     model_kwargs=_model_kwargs(p["model_kwargs"])), p["debug"])
     typer.echo(to_json(r)) if p["json_out"] else render_info(r, Console())
 
 

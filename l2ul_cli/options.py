@@ -64,8 +64,8 @@ REQUEST: tuple[Opt, ...] = (
     Opt("weights", ("--weights",), str, "auto", "Of a training checkpoint holding both: the model's weights or "
         "its EMA; auto takes the model's (the EMA when it is the only set) and the report says which.",
         commands=(*ALL, "info"), choices=WEIGHT_CHOICES),
-    Opt("model_kwargs", ("--model-kwargs",), _S, None, "JSON object of architecture arguments, e.g. "
-        "'{\"img_size\": 32, \"patch_size\": 4}'; over the model_args a timm config.json carries.",
+    Opt("model_kwargs", ("--model-kwargs",), _S, None, "Architecture arguments, img_size=32,patch_size=4 (or "
+        "a JSON object); over the model_args a timm config.json carries, and stored in the output.",
         commands=(*ALL, "info")),
     Opt("config", ("--config",), _P, None, "TOML (or YAML) file of option = value (keys as the long options; "
         "[forget]/[relabel]/[eval] tables); flags win.", commands=ALL),
@@ -103,6 +103,8 @@ REQUEST: tuple[Opt, ...] = (
     Opt("precision", ("--precision",), str, "auto", "Of the attack and the stand-ins (updates are always fp32): "
         "auto = bf16 on CUDA, and on a CPU with native bf16 where a short timing shows it at least 1.25x faster.",
         panel="Advanced", choices=("auto", "fp32", "bf16")),
+    Opt("threads", ("--threads",), Optional[int], None, "CPU threads torch computes with.", panel="Advanced",
+        commands=ALL, default_help="OMP_NUM_THREADS, else the cores the 1-minute load leaves free"),
     Opt("debug", ("--debug",), bool, False, "Show tracebacks.", panel="Advanced", commands=EVERY),
 )
 

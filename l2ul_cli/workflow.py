@@ -29,6 +29,7 @@ from .paths import check_paths
 from .pickled import Weights
 from .precision import Precision
 from .report import HELD_SETS, write_json
+from .threads import Threads, use_threads
 from .unlearn import ImageSet, NullProgress, Progress, UnlearnResult, unlearn
 
 # Below this share of the projected-on images (--retain or stand-ins) keeping their prediction, the
@@ -207,6 +208,7 @@ def run_request(
     weights: Weights = "auto",
     model_kwargs: dict[str, Any] | None = None,
     command_line: str | None = None,
+    threads: Threads | None = None,
 ) -> dict[str, Any]:
     """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
 
@@ -218,12 +220,14 @@ def run_request(
     ``--markdown`` and its figures), that no write may replace (:func:`.paths.check_paths`).
     ``weights``, ``model_kwargs``: as :func:`.models.load_model` takes them; ``original`` is read
     with the same choice (``auto``: the weights the input's stream began from).
+    ``threads``: the CPU threads to compute with (:func:`.threads.choose_threads`; None: as set).
 
     Returns the report dict. Raises :class:`DamagedModel` when the health check finds the model
     broken elsewhere, else :class:`GoalNotMet` when the step cap is hit first (each after writing
     the report, and the checkpoint only with ``allow_partial``).
     """
     t_start = t0 = time.perf_counter()
+    threads_used = use_threads(threads)
     load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, weights=weights, model_kwargs=model_kwargs)
     req = _prepare(goal, checkpoint, images=images, manifest=manifest, load_kw=load_kw, out=out, report_path=report_path,
                    method=method, device=device, force=force,
@@ -241,6 +245,7 @@ def run_request(
     seconds.update(result.seconds)
     report = _report(req, result, method=method, seed=seed, before_logits=before_logits, keep_before=keep_before)
     report.update(result.extra)
+    report["threads"] = threads_used
     probes = dict(result.probes)
     if evaluated:
         evaluated.append(_evaluate(req, mia_set))
@@ -508,6 +513,7 @@ def evaluate_checkpoint(
     model_kwargs: dict[str, Any] | None = None,
     extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
     extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
+    threads: Threads | None = None,
 ) -> dict[str, Any]:
     """Metrics of a checkpoint on labelled images; optionally against another checkpoint
     (``compare``) and with a membership-inference check of unlearned images (``forget_set``: a
@@ -519,6 +525,7 @@ def evaluate_checkpoint(
     from .evaluate import membership_inference, streisand, summarize
 
     t0 = time.perf_counter()
+    threads_used = use_threads(threads)
     dev = resolve_device(device)
     writes = dict(extra_writes or {})
     forget_path = [forget_set] if isinstance(forget_set, (str, os.PathLike)) else []
@@ -533,7 +540,7 @@ def evaluate_checkpoint(
     logits = logits if logits is not None else _logits(loaded, samples, dev)
     report: dict[str, Any] = {"command": "eval", "checkpoint": str(checkpoint), "arch": loaded.arch,
                               "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason},
-                              "device": str(dev), **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
+                              "device": str(dev), "threads": threads_used, **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
     if compare is not None:
         report["compare"] = _compare(load_model(compare, **load_kw), loaded, samples, labels, logits, dev, compare, checkpoint)
     f_samples: list[Sample] = []

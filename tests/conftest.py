@@ -17,7 +17,9 @@ from PIL import Image
 from l2ul_cli.checkpoint import write_checkpoint
 from l2ul_cli.models import build_network
 
-# Tiny convolutions run faster on one thread than on two busy cores (seen: up to 100x).
+# Tiny convolutions run faster on one thread than on two busy cores (seen: up to 100x). The CLI,
+# run in-process by the tests, sets its thread count from OMP_NUM_THREADS (l2ul_cli/threads.py).
+os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -185,7 +185,7 @@ def test_weights_option_picks_the_ema_and_says_so(tmp_path):
     assert r.exit_code != 0 and r.stderr.startswith("error:") and "EMA" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_model_kwargs_option_rebuilds_a_vit_and_bad_json_is_a_usage_error(tmp_path):
+def test_model_kwargs_option_rebuilds_a_vit_in_json_or_timm_style_and_bad_text_is_a_usage_error(tmp_path):
     net = _net("vit_tiny_patch16_224", **VIT_ARGS)
     plain = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(plain))
@@ -193,6 +193,9 @@ def test_model_kwargs_option_rebuilds_a_vit_and_bad_json_is_a_usage_error(tmp_pa
     r = CliRunner().invoke(app, [*base, "--model-kwargs", json.dumps(VIT_ARGS)])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["preprocessing"]["input_size"] == [3, 32, 32]
-    for bad in ("{img_size: 32", "[32]"):
+    r = CliRunner().invoke(app, [*base, "--model-kwargs", "img_size=32,patch_size=4, depth=2"])  # timm's style
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["preprocessing"]["input_size"] == [3, 32, 32]
+    for bad in ("{img_size: 32", "img_size", "2x=3"):
         r = CliRunner().invoke(app, [*base, "--model-kwargs", bad])
         assert r.exit_code == 2 and "--model-kwargs" in r.stderr and "Traceback" not in r.stderr
