@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shlex
 import signal
 import sys
@@ -90,9 +91,9 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
+        return [float(v) for v in re.split(r"[,\s]+", text.strip()) if v]  # 3,224,224 or timm's 3 224 224
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got '{text}'", param_hint=what)
+        raise typer.BadParameter(f"expected numbers separated by commas or spaces, got '{text}'", param_hint=what)
 
 
 def _ints(text: Optional[str], what: str) -> Optional[list[int]]:
@@ -203,6 +204,7 @@ def _model_inputs(p: dict[str, Any]) -> dict[str, Any]:
     """The options that say how to build the model and read its images, parsed."""
     return {"arch": p["arch"], "input_size": _ints(p["input_size"], "--input-size"),
             "mean": _floats(p["mean"], "--mean"), "std": _floats(p["std"], "--std"),
+            "crop_pct": p["crop_pct"], "interpolation": p["interpolation"],
             "weights": p["weights"], "model_kwargs": _model_kwargs(p["model_kwargs"]),
             "threads": choose_threads(p["threads"])}
 
@@ -250,7 +252,8 @@ def _request(goal: str, **p: Any) -> None:
     progress = RichProgress(err, enabled=not p["quiet"])
     options, command_line = _resolved_options(), _command_line()
     skip = {"checkpoint", "markdown", "html", "json_out", "quiet", "debug", "config", "report", "eval_images",
-            "keep", "retain", "arch", "input_size", "mean", "std", "weights", "model_kwargs", "threads"}
+            "keep", "retain", "arch", "input_size", "mean", "std", "weights", "model_kwargs", "threads",
+            "crop_pct", "interpolation"}
 
     def body():
         _check_documents(p["checkpoint"], p["markdown"], p["html"])

@@ -2,19 +2,20 @@
 
 Scanning is pure (paths and labels, no pixels), so it is fast, testable and fails before any
 work starts. Decoding converts every mode PIL knows (16-bit, palette, CMYK, RGBA, grey) to
-the model's channel count and resizes like timm's eval transform (resize the short side to
+the model's channel count, then applies timm's own eval transform (resize the short side to
 ``size / crop_pct``, centre crop), giving float tensors in [0, 1].
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +26,6 @@ from .files import usable_path
 from .models import Preprocessing
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-_INTERP = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -194,26 +189,28 @@ def _convert(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+@functools.lru_cache(maxsize=8)
+def eval_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's own eval transform (resize to size / crop_pct, then crop as its crop mode says),
+    without its normalisation: the loaded model normalises inside (:class:`.models.PixelClassifier`).
+    It returns uint8 tensors."""
+    from timm.data import create_transform
+
+    return create_transform(pre.input_size, is_training=False, interpolation=pre.interpolation,
+                            crop_pct=pre.crop_pct, crop_mode=pre.crop_mode, normalize=False)
+
+
 def load_image(path: Path, pre: Preprocessing) -> torch.Tensor:
-    """Decode, convert and resize one image to a CxHxW float tensor in [0, 1]."""
+    """Decode and convert one image, then timm's eval transform: a CxHxW float tensor in [0, 1]."""
     c, h, w = pre.input_size
-    scale_h, scale_w = round(h / pre.crop_pct), round(w / pre.crop_pct)
     try:
         with Image.open(path) as img:
             # JPEG can decode at a fraction of its size: a huge photo never fills memory.
-            img.draft("RGB" if c == 3 else "L", (scale_w, scale_h))
+            img.draft("RGB" if c == 3 else "L", (math.floor(w / pre.crop_pct), math.floor(h / pre.crop_pct)))
             img = _convert(img, c)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
-    ratio = max(scale_w / img.width, scale_h / img.height)
-    size = (max(w, round(img.width * ratio)), max(h, round(img.height * ratio)))
-    if size != img.size:
-        img = img.resize(size, _INTERP.get(pre.interpolation, Image.Resampling.BILINEAR), reducing_gap=3.0)
-    a = np.asarray(img, dtype=np.uint8)
-    a = a[:, :, None] if a.ndim == 2 else a
-    top, left = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
-    a = a[top:top + h, left:left + w]
-    return torch.tensor(a).permute(2, 0, 1).float().div_(255.0)
+    return eval_transform(pre)(img).float().div_(255.0)  # without normalisation timm gives uint8
 
 
 def physical_memory() -> int | None:

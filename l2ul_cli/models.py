@@ -31,6 +31,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # crafted checkpoint plan images of gigabytes each.
 MAX_SIDE = 4096
 MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 2.0
+# The names timm's transforms take (timm.data.transforms.str_to_interp_mode; crop_mode of transforms_imagenet_eval).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
 MAX_STATS = 16  # values of mean/std (channels)
 
 
@@ -56,9 +59,12 @@ class Preprocessing:
     std: tuple[float, ...]
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
+    crop_mode: str = "center"  # timm's: center, squash or border
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["crop_mode"] == "center":  # the default, as checkpoints written before it was a key
+            del d["crop_mode"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def problem(self) -> str | None:
@@ -73,6 +79,10 @@ class Preprocessing:
             return f"std: must be positive (got {_shown(self.std)})"
         if not (_is_number(self.crop_pct) and MIN_CROP_PCT <= self.crop_pct <= MAX_CROP_PCT):
             return f"crop_pct: must be {MIN_CROP_PCT} to {MAX_CROP_PCT} (got {_shown(self.crop_pct)})"
+        if self.interpolation not in INTERPOLATIONS:
+            return f"interpolation: must be one of {', '.join(INTERPOLATIONS)} (got {_shown(self.interpolation)})"
+        if self.crop_mode not in CROP_MODES:
+            return f"crop_mode: must be one of {', '.join(CROP_MODES)} (got {_shown(self.crop_mode)})"
         return None
 
     @classmethod
@@ -90,13 +100,14 @@ class Preprocessing:
             if not (isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)):
                 raise bad(key, f"must be a list of finite numbers (got {_shown(v)})")
             stats[key] = tuple(float(x) for x in v)
-        crop, interp = d.get("crop_pct", 1.0), d.get("interpolation", "bilinear")
+        crop, interp, mode = d.get("crop_pct", 1.0), d.get("interpolation", "bilinear"), d.get("crop_mode", "center")
         if not _is_number(crop):
             raise bad("crop_pct", f"must be a number (got {_shown(crop)})")
-        if not (isinstance(interp, str) and len(interp) <= 32):
-            raise bad("interpolation", f"must be a name such as bilinear (got {_shown(interp)})")
+        for key, value in (("interpolation", interp), ("crop_mode", mode)):
+            if not (isinstance(value, str) and len(value) <= 32):
+                raise bad(key, f"must be a name such as {'bilinear' if key == 'interpolation' else 'center'} (got {_shown(value)})")
         pre = cls(input_size=tuple(int(v) for v in size), mean=stats["mean"], std=stats["std"],  # type: ignore[arg-type]
-                  crop_pct=float(crop), interpolation=interp)
+                  crop_pct=float(crop), interpolation=interp, crop_mode=mode)
         if problem := pre.problem():
             raise CheckpointError(f"{where}.{problem}")
         return pre
@@ -304,6 +315,8 @@ def resolve_preprocessing(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
     source: str = "metadata",
 ) -> Preprocessing:
     """One place that decides preprocessing: user overrides > checkpoint metadata > model config.
@@ -312,16 +325,15 @@ def resolve_preprocessing(
     key); out-of-range results of the options are :class:`UsageError`."""
     if stored and all(k in stored for k in ("input_size", "mean", "std")):
         base = Preprocessing.from_dict(stored, f"{source} preprocessing")
-    else:
-        cfg = getattr(net, "pretrained_cfg", None) or {}
-        size = tuple(cfg.get("input_size", (3, 224, 224)))
-        base = Preprocessing(
-            input_size=(in_chans, int(size[-2]), int(size[-1])),
-            mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-            std=tuple(cfg.get("std", IMAGENET_STD)),
-            crop_pct=float(cfg.get("crop_pct", 0.875)),
-            interpolation=str(cfg.get("interpolation", "bilinear")),
-        )
+    elif getattr(net, "pretrained_cfg", None):
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=net)  # timm's own defaults for the architecture
+        base = Preprocessing(input_size=(in_chans, *cfg["input_size"][-2:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                             crop_pct=float(cfg["crop_pct"]), interpolation=str(cfg["interpolation"]),
+                             crop_mode=str(cfg.get("crop_mode") or "center"))
+    else:  # torchvision: its classification references' eval transform
+        base = Preprocessing((in_chans, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 0.875, "bilinear")
     size = base.input_size
     if input_size is not None:
         dims = [int(v) for v in input_size]
@@ -334,11 +346,13 @@ def resolve_preprocessing(
         input_size=(in_chans, size[1], size[2]),
         mean=_fit_channels(m, in_chans, "mean"),
         std=_fit_channels(s, in_chans, "std"),
-        crop_pct=base.crop_pct,
-        interpolation=base.interpolation,
+        crop_pct=base.crop_pct if crop_pct is None else float(crop_pct),
+        interpolation=base.interpolation if interpolation is None else interpolation,
+        crop_mode=base.crop_mode,
     )
     if problem := pre.problem():
-        raise UsageError(f"preprocessing {problem} (from --input-size/--mean/--std or the model's config)")
+        raise UsageError(f"preprocessing {problem} (from --input-size/--mean/--std/--crop-pct/--interpolation "
+                         "or the model's config)")
     return pre
 
 
@@ -387,6 +401,8 @@ def load_model(
     device: str | torch.device = "cpu",
     weights: Weights = "auto",
     model_kwargs: dict[str, Any] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> LoadedModel:
     """Read a checkpoint, build its architecture, load the weights strictly, wrap for pixels.
 
@@ -416,7 +432,7 @@ def load_model(
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
     pre = resolve_preprocessing(net, in_chans, meta.get("preprocessing"), input_size=input_size, mean=mean, std=std,
-                                source=f"{raw.path}: metadata")
+                                crop_pct=crop_pct, interpolation=interpolation, source=f"{raw.path}: metadata")
     # eval() on the wrapper too: a fresh nn.Module is in training mode, and code that saves and
     # restores ``model.training`` (predict, the attack, MAS) would otherwise put the net back in
     # training mode (BatchNorm on batch statistics) afterwards.

@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 
 from .config import AttackConfig, UnlearnConfig, cli_fields, default_text
 from .goals import GOALS
+from .models import INTERPOLATIONS
 from .pickled import WEIGHT_CHOICES
 
 RUN = ("forget", "relabel")
@@ -57,7 +58,7 @@ REQUEST: tuple[Opt, ...] = (
     Opt("out", ("--out",), _P, None, "Output checkpoint.", default_help="<input stem>-<command>.safetensors beside the input"),
     Opt("force", ("--force",), bool, False, "Replace an existing output file (never the input)."),
     Opt("allow_partial", ("--allow-partial",), bool, False, "Write the checkpoint even when the goal is not met."),
-    Opt("input_size", ("--input-size",), _S, None, "H,W (or C,H,W) the model takes.", commands=ALL,
+    Opt("input_size", ("--input-size",), _S, None, "H,W or C,H,W (or timm's '3 224 224') the model takes.", commands=ALL,
         default_help="from the checkpoint or model config"),
     Opt("mean", ("--mean",), _S, None, "Per-channel mean, comma-separated.", commands=ALL),
     Opt("std", ("--std",), _S, None, "Per-channel std, comma-separated.", commands=ALL),
@@ -67,6 +68,10 @@ REQUEST: tuple[Opt, ...] = (
     Opt("model_kwargs", ("--model-kwargs",), _S, None, "Architecture arguments, img_size=32,patch_size=4 (or "
         "a JSON object); over the model_args a timm config.json carries, and stored in the output.",
         commands=(*ALL, "info")),
+    Opt("crop_pct", ("--crop-pct",), _F, None, "Resize to size / crop-pct before the centre crop (1.0: no crop).",
+        commands=ALL, default_help="the checkpoint's, else timm's for the architecture"),
+    Opt("interpolation", ("--interpolation",), _S, None, "Resampling of the resize.", commands=ALL,
+        choices=INTERPOLATIONS, default_help="the checkpoint's, else timm's for the architecture"),
     Opt("config", ("--config",), _P, None, "TOML (or YAML) file of option = value (keys as the long options; "
         "[forget]/[relabel]/[eval] tables); flags win.", commands=ALL),
     Opt("method", ("--method",), str, "l2ul", "The paper's methods or this tool's own (README, Methods).", panel="Method"),

@@ -190,6 +190,8 @@ def run_request(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
     attack: AttackConfig | None = None,
     attack_overrides: dict[str, Any] | None = None,
     unlearn_overrides: dict[str, Any] | None = None,
@@ -228,7 +230,8 @@ def run_request(
     """
     t_start = t0 = time.perf_counter()
     threads_used = use_threads(threads)
-    load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, weights=weights, model_kwargs=model_kwargs)
+    load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
+                   weights=weights, model_kwargs=model_kwargs)
     req = _prepare(goal, checkpoint, images=images, manifest=manifest, load_kw=load_kw, out=out, report_path=report_path,
                    method=method, device=device, force=force,
                    attack=attack or attack_config(method, **(attack_overrides or {})), overrides=unlearn_overrides or {},
@@ -399,7 +402,8 @@ def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, bef
         "command": g.name, "goal_met": result.goal_met, "method": method,
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         "seed": seed, "precision": result.precision, "arch": loaded.arch,
-        "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason}, "n_images": len(req.samples),
+        "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason},
+        "preprocessing": loaded.preprocessing.to_dict(), "n_images": len(req.samples),
         "before": {g.report_key: accuracy(before_logits, new.targets)},
         "after": {g.report_key: accuracy(result.logits, new.targets)},
         "steps": result.steps, "seconds": {}, "input": str(req.checkpoint), "input_sha256": loaded.source.sha256,
@@ -506,6 +510,8 @@ def evaluate_checkpoint(
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
     loaded: LoadedModel | None = None,
     samples: Sequence[Sample] | None = None,
     logits: torch.Tensor | None = None,
@@ -531,7 +537,8 @@ def evaluate_checkpoint(
     forget_path = [forget_set] if isinstance(forget_set, (str, os.PathLike)) else []
     check_paths({"CHECKPOINT": [checkpoint], "--images": [images], "--manifest": [manifest], "--compare": [compare],
                  "--forget": forget_path, **(extra_reads or {})}, writes)
-    load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, device=dev, model_kwargs=model_kwargs)
+    load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
+                   device=dev, model_kwargs=model_kwargs)
     if loaded is None:
         loaded = load_model(checkpoint, weights=weights, **load_kw)
     samples = list(samples) if samples is not None else load_samples(loaded, images, manifest)
@@ -540,7 +547,8 @@ def evaluate_checkpoint(
     logits = logits if logits is not None else _logits(loaded, samples, dev)
     report: dict[str, Any] = {"command": "eval", "checkpoint": str(checkpoint), "arch": loaded.arch,
                               "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason},
-                              "device": str(dev), "threads": threads_used, **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
+                              "preprocessing": loaded.preprocessing.to_dict(), "device": str(dev), "threads": threads_used,
+                              **summarize(logits, labels, loaded.num_classes, loaded.class_names)}
     if compare is not None:
         report["compare"] = _compare(load_model(compare, **load_kw), loaded, samples, labels, logits, dev, compare, checkpoint)
     f_samples: list[Sample] = []
