@@ -260,6 +260,9 @@ def _loop(run: _Run, projector: GradientProjector, config: PGUConfig, stop: str,
         if stop == "gap" and gap > 0:
             if abs(gap) >= abs(run.previous_gap):
                 run.model.load_state_dict(run.previous)
-                return "forget accuracy fell below held-out accuracy; the previous epoch's weights were closer"
+                # Few images move their accuracy in big steps: the weights before the step that
+                # crossed the held-out level may have forgotten none of them.
+                return (f"forget accuracy fell below held-out accuracy; the previous epoch's weights were closer "
+                        f"(with {run.x.shape[0]} images forget accuracy moves in steps of {1 / run.x.shape[0]:.3g})")
             return "forget accuracy fell below held-out accuracy"
     return f"{config.epochs} epochs"
