@@ -143,7 +143,7 @@ class RetainedIndex:
         if ranks is None and energy > self.energy + 1e-12:
             raise UsageError(f"the index holds directions up to energy {self.energy}; projecting at {energy} "
                              "needs an index built at that energy or more")
-        modules = dict(model.named_modules())
+        modules = _modules(model, list(self.layers))
         spaces = {}
         for name, space in self.layers.items():
             r = space.energy_rank(energy) if ranks is None else ranks.get(name, 0)
@@ -160,6 +160,15 @@ class RetainedIndex:
 def _layer_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Weight shape of every projected (conv/linear) layer, by module name."""
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _modules(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The model's modules by name; InputError when one of ``names`` is missing."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise InputError(f"the index does not fit this model: it has no layer {missing[0]}")
+    return modules
 
 
 def _descends(indexed: str, sha256: str, ledger: list[dict[str, Any]]) -> bool:
@@ -199,7 +208,7 @@ def _covariances(model: nn.Module, names: list[str], batches: Iterable[torch.Ten
                  progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Σ a aᵀ (fp64, on the model's device) of the named layers' inputs over ``batches``, and
     the number of images; never more than one chunk of columns in memory."""
-    modules = dict(model.named_modules())
+    modules = _modules(model, names)
     device = next(model.parameters()).device
     covs: dict[str, torch.Tensor] = {}
 

@@ -219,3 +219,11 @@ def test_unreadable_index_files_give_a_clean_error(tmp_path, saved):
     _rewrite(deep, tensors, raw="[" * 100 + "]" * 100)
     with pytest.raises(InputError, match="nested"):
         load_index(deep)
+
+
+def test_using_an_index_on_a_model_without_its_layers_is_a_clean_error():
+    index = build_index(_net(), _family(8, 1).split(8), energy=0.99)
+    other = nn.Sequential(nn.Conv2d(1, 6, 3), nn.Flatten())
+    for use in (lambda: index.projector(other), lambda: index.subtract(other, _family(2, 2))):
+        with pytest.raises(InputError, match="has no layer 3"):
+            use()
