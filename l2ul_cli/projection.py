@@ -38,9 +38,7 @@ class GradientProjector:
                  max_columns: int = 50_000, seed: int = 0):
         self.energy = energy
         self.source = f"{images.shape[0]} retained images"
-        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        self.frozen = [p for m in model.modules() if not isinstance(m, (nn.Conv2d, nn.Linear))
-                       for p in m.parameters(recurse=False)] + [m.bias for m in self.layers if m.bias is not None]
+        self.layers, self.frozen = _layers_and_frozen(model)
         gen = torch.Generator().manual_seed(seed)
         # Per layer: the columns themselves while there are fewer than features (deep layers of
         # small images: 1x1 maps), the covariance once there are more.
@@ -100,14 +98,48 @@ class GradientProjector:
                 continue
             share = vals.cumsum(0) / vals.sum().clamp_min(1e-30)
             r = min(int((share < energy).sum()) + 1, vals.numel())
-            n = vecs.shape[0]
-            complement = vecs.shape[1] == n and r > n // 2
-            m = (vecs[:, r:] if complement else vecs[:, :r]).float()
-            support = None if full else support.to(m.device)
-            if _channels_last(layer.weight):
-                support, m = _to_channels_last(layer.weight.shape, support, m)
-            self.bases[layer] = (support, m.contiguous(), complement)
-            self.kept[layer] = (r, d)
+            self._keep(layer, None if full else support, vecs, r)
+
+    @classmethod
+    def from_eigenpairs(cls, model: nn.Module, spaces: dict[nn.Module, tuple[torch.Tensor | None, torch.Tensor, int]], *,
+                        energy: float, source: str, predictions: torch.Tensor | None = None) -> GradientProjector:
+        """A projector from precomputed bases (:mod:`.index`): per layer the support (None: all
+        input dimensions), orthonormal directions on it, largest first, and how many to retain.
+        Layers missing from ``spaces`` retain nothing: their gradients pass unchanged."""
+        self = cls.__new__(cls)
+        self.energy, self.source = energy, source
+        self.predictions = predictions  # None: agreement() has no predictions to compare with
+        self.layers, self.frozen = _layers_and_frozen(model)
+        self.bases, self.kept = {}, {}
+        for layer in self.layers:
+            support, vecs, r = spaces.get(layer, (None, None, 0))
+            if vecs is None or r <= 0:
+                self.kept[layer] = (0, layer.weight[0].numel())
+                continue
+            d = layer.weight[0].numel()
+            if support is not None and support.numel() > SUPPORT_SHARE * d:
+                # As built from images: a support this wide is not worth gathering.
+                full = torch.zeros(d, vecs.shape[1], dtype=vecs.dtype, device=vecs.device)
+                full[support.to(vecs.device)] = vecs
+                support, vecs = None, full
+            self._keep(layer, support, vecs, min(r, vecs.shape[1]), complete=True)
+        return self
+
+    def _keep(self, layer: nn.Module, support: torch.Tensor | None, vecs: torch.Tensor, r: int,
+              complete: bool = False) -> None:
+        """Store the first ``r`` of ``vecs`` (or, narrower, their complement) as the layer's basis.
+        ``complete``: where ``vecs`` is not a full basis, the complement comes from a QR."""
+        n = vecs.shape[0]
+        complement = (vecs.shape[1] == n or complete) and r > n // 2
+        if complement and vecs.shape[1] < n:
+            # The directions orthogonal to the kept ones: the last columns of a complete QR.
+            vecs = torch.cat([vecs[:, :r], torch.linalg.qr(vecs[:, :r].double(), mode="complete")[0][:, r:].to(vecs.dtype)], 1)
+        m = (vecs[:, r:] if complement else vecs[:, :r]).float()
+        support = None if support is None else support.to(m.device)
+        if _channels_last(layer.weight):
+            support, m = _to_channels_last(layer.weight.shape, support, m)
+        self.bases[layer] = (support, m.contiguous(), complement)
+        self.kept[layer] = (r, layer.weight[0].numel())
 
     def agreement(self, model: nn.Module, images: torch.Tensor) -> float:
         """Share of ``images`` (the ones this projector was built from) that ``model`` still
@@ -139,6 +171,14 @@ class GradientProjector:
         r = sum(k for k, _ in self.kept.values())
         n = sum(d for _, d in self.kept.values())
         return f"retained subspace: {r} of {n} input dimensions over {len(self.layers)} layers"
+
+
+def _layers_and_frozen(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """The conv/linear layers whose weights are projected, and the parameters held fixed."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    frozen = [p for m in model.modules() if not isinstance(m, (nn.Conv2d, nn.Linear))
+              for p in m.parameters(recurse=False)] + [m.bias for m in layers if m.bias is not None]
+    return layers, frozen
 
 
 def _support(seen: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
