@@ -334,13 +334,38 @@ _command("relabel", lambda **p: _request("relabel", **p),
 _command("eval", _eval, "Accuracy, top-5, per-class accuracy and confusion of a checkpoint on labelled images.",
          f"\b\nExamples:\n  l2ul eval forgot.safetensors --images examples/images/test/ --compare {_EXAMPLE}\n"
          "  l2ul eval forgot.safetensors --images examples/images/test/ --forget examples/images/forget/")
+def _index(**p: Any) -> None:
+    """index: one library call, then the JSON (--json) and the summary."""
+    from .make_index import make_index
+    from .report import render_index
+
+    progress = RichProgress(_stderr(), enabled=not p["quiet"])
+
+    def body():
+        try:
+            return make_index(p["checkpoint"], p["out"], retain=p["retain"] or (), stand_ins=p["stand_ins"],
+                              max_images=p["max_images"], energy=p["energy"], device=p["device"], seed=p["seed"],
+                              force=p["force"], progress=progress, **_model_inputs(p))
+        finally:
+            progress.close()
+
+    r = _run(body, p["debug"])
+    if p["json_out"]:
+        typer.echo(to_json(r))
+    if not p["quiet"]:
+        render_index(r, _stderr() if p["json_out"] else Console(), [r["output"]])
+
+
 def _info(**p: Any) -> None:
     from .info import checkpoint_info
-    from .report import render_info
+    from .report import render_index, render_info
 
     r = _run(lambda: checkpoint_info(p["checkpoint"], p["arch"], weights=p["weights"],
                                      model_kwargs=_model_kwargs(p["model_kwargs"])), p["debug"])
-    typer.echo(to_json(r)) if p["json_out"] else render_info(r, Console())
+    if p["json_out"]:
+        typer.echo(to_json(r))
+    else:
+        (render_index if r.get("kind") == "index" else render_info)(r, Console())
 
 
 def _history(**p: Any) -> None:
@@ -351,6 +376,10 @@ def _history(**p: Any) -> None:
     typer.echo(to_json(r)) if p["json_out"] else render_history(r, Console())
 
 
+_command("index", _index, "The retained space of a checkpoint, built once, for the --index of later requests "
+         "(and --method pgu).",
+         f"\b\nExamples:\n  l2ul index {_EXAMPLE} --out example.index.safetensors\n"
+         "  l2ul index model.safetensors --retain train-subset/ --max-images 5000 --out model.index.safetensors")
 _command("history", _history, "The ledger of requests applied to a checkpoint written by l2ul.",
          "\b\nExample:\n  l2ul history forgot.safetensors --json")
 _command("info", _info, "Architecture, classes, preprocessing, parameter count and ledger summary of a checkpoint.",

@@ -22,6 +22,7 @@ Objective = Literal["ce", "margin"]
 AdvLoss = Literal["none", "ce", "kd"]
 Weighting = Literal["sum", "share"]
 ImportanceEstimate = Literal["per-sample", "batch"]
+PGUStop = Literal["gap", "goal"]
 
 # Help panels of ``forget --help`` / ``relabel --help``, in order.
 PANELS = ("Inputs & outputs", "Method", "Attack", "Retention", "Continual", "Reports", "Advanced")
@@ -147,6 +148,10 @@ class UnlearnConfig:
     synthetic_lr: float = 0.1  # Adam's step on the stand-ins' pixel logits
     # Share of the retained images' input energy per layer that updates must not touch
     # (RESULTS.md "Projected updates": 0.995 kept 0.4-1.2 more points than 0.97).
+    gamma: float = _opt(0.95, "PGU: share of each layer's singular-value sum of the index that its updates "
+                        "must not touch (1.0: the layer is held).", panel="Retention")
+    pgu_stop: PGUStop = _opt("gap", "PGU: stop once forget accuracy falls below --holdout accuracy (gap, the "
+                             "paper's code), or when every image is misclassified (goal).", panel="Method")
     retain_fraction: float = _opt(0.3, "LTU: the share of the --retain images its query sets and membership "
                                   "models draw from.", panel="Retention")
     retain_energy: float = _opt(0.995, "Share of the retained images' input energy per layer that updates "
@@ -197,9 +202,12 @@ METHODS: dict[str, dict[str, Any]] = {
     # LTU (Huang et al., ECCV 2024) is an algorithm of its own (:mod:`.ltu`): of these settings it
     # takes the learning rate, the step cap and retain_fraction; the rest are its LTUConfig's.
     "ltu": {"objective": "ce", "adv_loss": "none", "importance": False, "lr": 1e-3, "max_steps": 1000},
+    # PGU (Hoang et al., WACV 2024) likewise (:mod:`.pgu`): it takes gamma and pgu_stop; the rest
+    # (lr 0.05 to 0.01 over 100 epochs, its loss) are its PGUConfig's, from its official code.
+    "pgu": {"objective": "ce", "adv_loss": "none", "importance": False},
 }
 # Methods that are algorithms of their own rather than compositions of the core's parts.
-SEPARATE_METHODS = ("ltu",)
+SEPARATE_METHODS = ("ltu", "pgu")
 DEFAULT_METHOD = "l2ul"
 # The reference code's attack: ε 4 at any image size (its README: 1 to 5), a fresh random target
 # for every copy.
@@ -245,8 +253,11 @@ def resolve(method: str, goal: str, **overrides: Any) -> UnlearnConfig:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
     cfg = preset(method, **given)
-    if "retain_fraction" in given and method != "ltu":
-        raise UsageError(f"--retain-fraction is a setting of --method ltu, not of {method}")
+    for key, owner in (("retain_fraction", "ltu"), ("gamma", "pgu"), ("pgu_stop", "pgu")):
+        if key in given and method != owner:
+            raise UsageError(f"--{key.replace('_', '-')} is a setting of --method {owner}, not of {method}")
+    if not 0.0 < cfg.gamma <= 1.0:
+        raise UsageError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
     if not 0.0 < cfg.retain_fraction <= 1.0:
         raise UsageError(f"--retain-fraction must be in (0, 1] (got {cfg.retain_fraction})")
     if "margin" in given and cfg.objective != "margin":

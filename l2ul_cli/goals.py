@@ -40,7 +40,7 @@ class Goal:
 
 
 FORGET = Goal("forget", True, "forget_accuracy", "accuracy on the forget images", "still correct",
-              ("neggrad", "adv", "adv+imp", "l2ul", "ltu"))
+              ("neggrad", "adv", "adv+imp", "l2ul", "ltu", "pgu"))
 RELABEL = Goal("relabel", False, "relabel_accuracy", "images predicted as their new label", "relabelled",
                ("correct", "adv", "adv+imp", "l2ul"))
 GOALS: dict[str, Goal] = {g.name: g for g in (FORGET, RELABEL)}

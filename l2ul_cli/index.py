@@ -103,6 +103,9 @@ class RetainedIndex:
     # Of the last subtraction: the share of the forget images' covariance the index did not
     # hold (beyond its truncated tail). Near 0 when they were among the indexed images.
     excess: float = 0.0
+    # A few of the indexed images (fp16, pixels in [0, 1]): the health check's probe set for the
+    # requests that use the index instead of the images themselves.
+    probes: torch.Tensor | None = None
 
     def check_matches(self, model: nn.Module, sha256: str, ledger: list[dict[str, Any]] | None = None) -> None:
         """Raise InputError unless the model has the index's layers and shapes and the checkpoint
@@ -296,6 +299,8 @@ def save_index(path: str | os.PathLike, index: RetainedIndex) -> str:
         if space.support is not None:
             tensors[f"layers.{i}.support"] = space.support.long().contiguous()
         layers.append({"name": name, "shape": list(space.shape), "trace": space.trace})
+    if index.probes is not None:
+        tensors["probes"] = index.probes.half().contiguous()
     meta = {"version": INDEX_VERSION, "images": index.images, "source": index.source, "energy": index.energy,
             "sha256": index.sha256, "forgotten": index.forgotten, "seconds": round(index.seconds, 3),
             "vectors": str(FILE_VECTORS).removeprefix("torch."), "layers": layers}
@@ -325,7 +330,16 @@ def load_index(path: str | os.PathLike) -> RetainedIndex:
     for i, entry in enumerate(meta["layers"]):
         layers[entry["name"]] = _layer_from_file(entry, i, tensors, p)
     return RetainedIndex(layers, meta["images"], meta["source"], meta["energy"], meta["sha256"],
-                         forgotten=meta["forgotten"], seconds=meta["seconds"])
+                         forgotten=meta["forgotten"], seconds=meta["seconds"], probes=_probes(tensors.get("probes"), p))
+
+
+def _probes(t: torch.Tensor | None, p: Path) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float16 or t.dim() != 4 or not 0 < t.shape[0] <= MAX_PROBES or t.shape[1] > 16 \
+            or not bool(torch.isfinite(t).all()):
+        raise InputError(f"{p}: index probes must be 1 to {MAX_PROBES} finite fp16 images (N, C, H, W)")
+    return t.float().clamp_(0, 1)
 
 
 def _index_meta(raw: str, p: Path) -> dict[str, Any]:
@@ -377,6 +391,9 @@ def _index_meta(raw: str, p: Path) -> dict[str, Any]:
     return meta
 
 
+MAX_PROBES = 1024
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -416,6 +433,20 @@ def _layer_from_file(entry: dict[str, Any], i: int, tensors: dict[str, torch.Ten
     return LayerSpace(shape, support, values, vectors, float(entry["trace"]))
 
 
+def is_index(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file with an l2ul index's metadata key."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return False
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            return INDEX_KEY in (f.metadata() or {})
+    except Exception:  # not readable as safetensors: let the checkpoint reader say why
+        return False
+
+
 def describe_index(path: str | os.PathLike) -> dict[str, Any]:
     """What ``l2ul info INDEX`` shows: provenance, size and the directions kept per layer."""
     index = load_index(path)
@@ -425,5 +456,5 @@ def describe_index(path: str | os.PathLike) -> dict[str, Any]:
             "images": index.images, "source": index.source, "forgotten": index.forgotten, "energy": index.energy,
             "layers": len(index.layers), "directions": kept, "dimensions": dims,
             "images_per_second": round(index.images / index.seconds, 1) if index.seconds > 0 else None,
-            "bytes": os.path.getsize(path),
+            "bytes": os.path.getsize(path), "probes": 0 if index.probes is None else int(index.probes.shape[0]),
             "per_layer": {n: {"kept": s.vectors.shape[1], "dimensions": s.dim} for n, s in index.layers.items()}}

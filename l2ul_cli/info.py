@@ -19,9 +19,13 @@ def checkpoint_history(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 def checkpoint_info(checkpoint: str | os.PathLike, arch: str | None = None, *, weights: str = "auto",
                     model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Architecture, classes, preprocessing, which weights, parameter count and number of requests."""
+    """Architecture, classes, preprocessing, which weights, parameter count and number of requests;
+    for an index file (``l2ul index``), what :func:`.index.describe_index` says."""
+    from .index import describe_index, is_index
     from .models import load_model
 
+    if is_index(checkpoint):
+        return {"command": "info", "kind": "index", **describe_index(checkpoint)}
     m = load_model(checkpoint, arch, weights=weights, model_kwargs=model_kwargs)
     return {"checkpoint": str(checkpoint), "sha256": m.source.sha256, "arch": m.arch,
             "num_classes": m.num_classes, "in_chans": m.in_chans, "class_names": m.class_names,

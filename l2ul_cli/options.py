@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 
 from .config import AttackConfig, UnlearnConfig, cli_fields, default_text
 from .goals import GOALS
+from .make_index import DEFAULT_ENERGY, DEFAULT_STAND_INS
 from .models import INTERPOLATIONS
 from .pickled import WEIGHT_CHOICES
 
@@ -80,8 +81,12 @@ REQUEST: tuple[Opt, ...] = (
         "not needed): updates are kept orthogonal to what the model's layers see on them; repeatable.",
         panel="Retention"),
     Opt("holdout", ("--holdout",), _P, None, "Labelled images the model never trained on (folder or CSV): "
-        "--method ltu trains its membership models on them against --retain.", panel="Retention",
+        "--method ltu trains its membership models on them, --method pgu's stop rule compares with them.", panel="Retention",
         commands=("forget",)),
+    Opt("index", ("--index",), _P, None, "A retained-space index of this checkpoint or of the one its ledger "
+        "began from (l2ul index): used instead of --retain or stand-ins; --method pgu needs one.", panel="Retention"),
+    Opt("update_index", ("--update-index",), _P, None, "--method pgu: write the index less this request's images "
+        "here, for the next request.", panel="Retention", commands=("forget",)),
     Opt("keep", ("--keep",), Optional[List[Path]], None, "Images of earlier requests (folder or CSV) that must stay "
         "forgotten/relabelled; repeatable.", panel="Continual"),
     Opt("original", ("--original",), _P, None, "The checkpoint before the first request of a stream (with --keep): "
@@ -113,6 +118,26 @@ REQUEST: tuple[Opt, ...] = (
     Opt("debug", ("--debug",), bool, False, "Show tracebacks.", panel="Advanced", commands=EVERY),
 )
 
+
+# ``l2ul index`` builds the model as the requests do; its own options follow.
+_SHARED_WITH_INDEX = {"arch", "input_size", "mean", "std", "crop_pct", "interpolation", "weights", "model_kwargs",
+                      "force", "json_out", "quiet", "device", "threads", "debug"}
+INDEX: tuple[Opt, ...] = (
+    Opt("out", ("--out",), Path, ..., "Index file to write (safetensors).", commands=("index",), required=True),
+    Opt("retain", ("--retain",), Optional[List[Path]], None, "Images the model trained on that you still hold (folder "
+        "or CSV, labels not needed; repeatable). Without it: stand-ins from BatchNorm statistics.",
+        panel="Retention", commands=("index",)),
+    Opt("stand_ins", ("--stand-ins",), Optional[int], None, "Without --retain: how many stand-in images to make.",
+        panel="Retention", commands=("index",), default_help=str(DEFAULT_STAND_INS)),
+    Opt("max_images", ("--max-images",), Optional[int], None, "At most this many --retain images (a seeded subset).",
+        panel="Retention", commands=("index",)),
+    Opt("energy", ("--energy",), float, DEFAULT_ENERGY, "Share of each layer's input energy whose directions the "
+        "index keeps; a request's projection must stay within it.", panel="Retention", commands=("index",)),
+    Opt("seed", ("--seed",), int, 0, "Seed of the stand-ins and of the --max-images subset.", panel="Method",
+        commands=("index",)),
+)
+REQUEST = tuple(replace(o, commands=(*o.commands, "index")) if o.name in _SHARED_WITH_INDEX else o
+                for o in REQUEST) + INDEX
 
 def _choices(annotation: Any) -> tuple[str, ...] | None:
     return tuple(typing.get_args(annotation)) if typing.get_origin(annotation) is typing.Literal else None

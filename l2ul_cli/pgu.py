@@ -39,12 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchors import NullProgress, Progress
+from .config import UnlearnConfig
 from .errors import NumericalError, UsageError
 from .evaluate import accuracy, predict
 from .goals import Goal, goal_named
 from .index import RetainedIndex
 from .objectives import objective_loss
 from .projection import GradientProjector
+from .unlearn import ImageSet, UnlearnResult
 
 # Share of the forget images' input energy the index may lack before a note says it was likely
 # built without them (then subtracting them removes directions the retained images use).
@@ -266,3 +268,35 @@ def _loop(run: _Run, projector: GradientProjector, config: PGUConfig, stop: str,
                         f"(with {run.x.shape[0]} images forget accuracy moves in steps of {1 / run.x.shape[0]:.3g})")
             return "forget accuracy fell below held-out accuracy"
     return f"{config.epochs} epochs"
+
+
+def run_pgu(model: nn.Module, new: ImageSet, index: RetainedIndex, holdout: ImageSet | None, *, goal: Goal,
+            config: UnlearnConfig, device: torch.device, progress: Progress | None = None) -> UnlearnResult:
+    """``--method pgu`` as a request runs it: γ and the stop rule from the request's settings,
+    ``--holdout`` for the code's stop rule; the result reads as the core's (report, health check
+    on the index's probe images). With the code's rule the request succeeds when forget accuracy
+    fell to the held-out level, not when every image is misclassified."""
+    cfg = PGUConfig(gamma=config.gamma, stop=config.pgu_stop)
+    probes = index.probes.to(device) if index.probes is not None else None
+    before = predict(model, probes.split(256), device).argmax(1) if probes is not None else None
+    r = pgu_unlearn(model, new.images, new.labels, index, goal=goal, config=cfg, device=device, progress=progress,
+                    heldout=(holdout.images.to(device), holdout.labels.to(device)) if holdout is not None else None)
+    by_gap = cfg.stop == "gap" and holdout is not None
+    done = (not r.stopped.endswith("epochs")) if by_gap else r.goal_met
+    probe_set = {}
+    if probes is not None:
+        after = predict(model, probes.split(256), device).argmax(1)
+        kind = "retain" if "--retain" in index.source else "stand_ins"
+        probe_set = {kind: {"n_images": len(probes), "agreement": float((after == before).float().mean())}}
+    kind = next(iter(probe_set), "none")
+    notes = list(r.notes)
+    if by_gap:  # "goal met" then means PGU's rule, not misclassification: say what it left
+        notes.append(f"PGU's stop rule ({r.stopped}) ended the run at forget accuracy {r.forget_accuracy:.1%}, "
+                     f"--holdout accuracy {r.heldout_accuracy:.1%}; --pgu-stop goal misclassifies every image")
+    return UnlearnResult(
+        goal_met=done, steps=r.steps, seconds=r.seconds, logits=predict(model, [new.images], device), notes=notes,
+        projection=r.projection, retained=kind, agreement=probe_set.get(kind, {}).get("agreement"), probes=probe_set,
+        loss_history=r.loss_history, updated_index=r.reduced_index,
+        extra={"pgu": {"gamma": cfg.gamma, "stop": "gap" if by_gap else "goal", "stopped": r.stopped,
+                       "epochs": r.epochs, "heldout_accuracy": r.heldout_accuracy}},
+    )

@@ -160,3 +160,23 @@ def render_info(report: dict[str, Any], console: Console) -> None:
     t.add_row("l2ul requests", str(report["requests"]))
     t.add_row("sha256", report["sha256"])
     console.print(t)
+
+
+def render_index(report: dict[str, Any], console: Console, wrote: Sequence[str] = ()) -> None:
+    """``l2ul index``'s summary and ``l2ul info`` of an index file: the same rows."""
+    t = Table(title=report.get("output") or report.get("index"), show_header=False)
+    t.add_column("")
+    t.add_column("")
+    t.add_row("made from", str(report["source"]) + (f", less {report['forgotten']} forgotten" if report.get("forgotten") else ""))
+    t.add_row("checkpoint sha256", str(report["checkpoint_sha256"]))
+    t.add_row("directions kept", f"{report['directions']:,} of {report['dimensions']:,} input dimensions over "
+                                 f"{report['layers']} layers (energy {report['energy']})")
+    t.add_row("probe images", f"{report['probes']} (the health check of requests using it)")
+    t.add_row("size", f"{report['bytes'] / 2**20:.1f} MiB")
+    if report.get("images_per_second"):
+        t.add_row("indexed at", f"{report['images_per_second']} images/s")
+    console.print(t)
+    if report.get("seconds"):
+        console.print(" · ".join(f"{k} {v:.2f}s" for k, v in report["seconds"].items()))
+    if wrote:
+        console.print("wrote: " + ", ".join(wrote))

@@ -1,6 +1,7 @@
-"""The retained space: what every update is kept orthogonal to, built by one function whatever
-its source — images the user still holds (``--retain``), or stand-ins made from the model's
-BatchNorm statistics (:mod:`.synthesis`) when there are none."""
+"""The retained space: what every update is kept orthogonal to, whatever its source — images the
+user still holds (``--retain``), stand-ins made from the model's BatchNorm statistics
+(:mod:`.synthesis`) when there are none (both :func:`retained_space`), or a cached index of
+either (:func:`index_space`, :mod:`.index`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from torch import nn
 
 from .anchors import NullProgress, Progress
 from .config import UnlearnConfig
+from .evaluate import predict
+from .index import RetainedIndex
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
 from .synthesis import has_batchnorm, invert_batchnorm
@@ -59,3 +62,16 @@ def retained_space(model: nn.Module, *, config: UnlearnConfig, image_shape: tupl
     projector = GradientProjector(model, images, energy=config.retain_energy)
     projector.source = f"{stand_ins} stand-in images from BatchNorm statistics"
     return RetainedSpace(projector, images, "stand_ins", "synthesis", time.perf_counter() - t0)
+
+
+def index_space(model: nn.Module, index: RetainedIndex, energy: float) -> RetainedSpace:
+    """The retained space of a cached index at ``energy``; the index's probe images, predicted by
+    ``model`` now (before any update), are the health check's."""
+    t0 = time.perf_counter()
+    projector = index.projector(model, energy=energy)
+    device = next(model.parameters()).device
+    probes = index.probes.to(device) if index.probes is not None else None
+    if probes is not None:
+        projector.predictions = predict(model, probes.split(256), device).argmax(1)
+    kind = "retain" if "--retain" in index.source else "stand_ins"
+    return RetainedSpace(projector, probes, kind, "index", time.perf_counter() - t0)

@@ -75,6 +75,7 @@ class UnlearnResult:
     precision: str = "fp32"  # what the attack and the stand-ins ran in
     adv_weight: float = 0.0  # of the adversarial term at the end: halved on each divergence retry
     extra: dict[str, Any] = field(default_factory=dict)  # a method's own report keys (e.g. LTU's "ltu")
+    updated_index: Any = None  # PGU: its index less this request's images (:class:`.index.RetainedIndex`)
 
 
 @contextmanager
@@ -101,12 +102,14 @@ def unlearn(
     retain: torch.Tensor | None = None,
     keep: ImageSet | None = None,
     original: nn.Module | None = None,
+    space: RetainedSpace | None = None,
 ) -> UnlearnResult:
     """Change ``model`` in place so that ``images`` meet ``goal``.
 
     ``targets`` and ``attack_labels`` (default: ``targets``) as in :class:`ImageSet`.
-    ``projector``: a ready retained space; else one from ``retain`` images (``--retain``), else
-    from ``config.stand_ins(k)`` stand-ins. ``keep``: earlier requests' images (``--keep``); they
+    ``space``: a ready retained space (e.g. from an index, :func:`.retention.index_space`);
+    ``projector``: a ready projector; else one from ``retain`` images (``--retain``), else from
+    ``config.stand_ins(k)`` stand-ins. ``keep``: earlier requests' images (``--keep``); they
     join the goal check and the anchors, and the importance only with ``config.keep_importance``.
     ``original``: the network before a stream's first request (``--original``); the anchors'
     distillation targets and the penalty's θ̃ come from it, so requests do not add up each
@@ -120,7 +123,7 @@ def unlearn(
     seconds, notes = {"attack": 0.0, "importance": 0.0}, []
     shape = tuple(images.shape[1:])
     attacking = config.adv_loss != "none" and attack.n_adv > 0
-    stand_ins = config.stand_ins(len(every)) if projector is None and retain is None else 0
+    stand_ins = config.stand_ins(len(every)) if projector is None and retain is None and space is None else 0
     # Only the attack and the stand-ins run in reduced precision: no need to time it without them.
     autocast_dtype, how = choose(model, shape, images.device, precision) \
         if attacking or (stand_ins and has_batchnorm(model)) else (None, None)
@@ -136,9 +139,11 @@ def unlearn(
     if config.importance:
         with _timed(seconds, "importance"):
             penalty = _penalty(model, every if config.keep_importance else new, config, original, progress)
-    space = RetainedSpace(projector, None, "given") if projector is not None else retained_space(
-        model, config=config, image_shape=shape, num_classes=num_classes, retain=retain, stand_ins=stand_ins,
-        seed=seed, autocast_dtype=autocast_dtype, progress=progress)
+    if space is None and projector is not None:
+        space = RetainedSpace(projector, None, "given")
+    if space is None:
+        space = retained_space(model, config=config, image_shape=shape, num_classes=num_classes, retain=retain,
+                               stand_ins=stand_ins, seed=seed, autocast_dtype=autocast_dtype, progress=progress)
     if space.phase:
         seconds[space.phase] = space.seconds
     if space.note:

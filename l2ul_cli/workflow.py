@@ -30,6 +30,8 @@ from .pickled import Weights
 from .precision import Precision
 from .report import HELD_SETS, write_json
 from .threads import Threads, use_threads
+from .index import RetainedIndex
+from .retention import index_space
 from .unlearn import ImageSet, NullProgress, Progress, UnlearnResult, unlearn
 
 # Below this share of the projected-on images (--retain or stand-ins) keeping their prediction, the
@@ -171,6 +173,9 @@ class _Request:
     notes: list[str]
     method: str = DEFAULT_METHOD
     holdout: ImageSet | None = None  # --holdout: labelled images the model never trained on
+    index: RetainedIndex | None = None  # --index, checked against the checkpoint
+    index_file: dict[str, Any] | None = None  # its path and SHA-256, for the report and the ledger
+    update_index: Path | None = None
 
 
 def run_request(
@@ -202,6 +207,8 @@ def run_request(
     original: str | os.PathLike | None = None,
     eval_images: str | os.PathLike | None = None,
     holdout: str | os.PathLike | None = None,
+    index: str | os.PathLike | None = None,
+    update_index: str | os.PathLike | None = None,
     precision: Precision = "auto",
     progress: Progress | None = None,
     options: dict[str, Any] | None = None,
@@ -236,7 +243,7 @@ def run_request(
                    method=method, device=device, force=force,
                    attack=attack or attack_config(method, **(attack_overrides or {})), overrides=unlearn_overrides or {},
                    keep=keep, retain=retain, original=original, eval_images=eval_images, holdout=holdout,
-                   reads=extra_reads or {}, writes=extra_writes or {})
+                   index=index, update_index=update_index, reads=extra_reads or {}, writes=extra_writes or {})
     seconds = {"load": time.perf_counter() - t0}
     model, dev = req.loaded.model, req.device
     before_logits = predict(model, [req.new.images], dev)
@@ -249,6 +256,9 @@ def run_request(
     report = _report(req, result, method=method, seed=seed, before_logits=before_logits, keep_before=keep_before)
     report.update(result.extra)
     report["threads"] = threads_used
+    if req.index_file is not None:
+        report["index"] = req.index_file
+        report["config"]["index_sha256"] = req.index_file["sha256"]  # the ledger's record of which index
     probes = dict(result.probes)
     if evaluated:
         evaluated.append(_evaluate(req, mia_set))
@@ -265,7 +275,8 @@ def run_request(
     report["seconds"] = seconds
     if (result.goal_met and health["healthy"] is not False) or allow_partial:
         t0 = time.perf_counter()
-        _write(req, report, method=method, request_id=request_id, record_paths=record_paths)
+        _write(req, report, method=method, request_id=request_id, record_paths=record_paths,
+               updated_index=result.updated_index)
         seconds["write"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     if report_path is not None:
@@ -284,11 +295,17 @@ def _run_method(req: _Request, *, seed: int, precision: Precision, progress: Pro
 
         return run_ltu(req.loaded.model, req.new, req.retain, req.holdout, goal=req.goal, config=req.config,
                        seed=seed, device=req.device)
+    if req.method == "pgu":
+        from .pgu import run_pgu
+
+        return run_pgu(req.loaded.model, req.new, req.index, req.holdout, goal=req.goal, config=req.config,
+                       device=req.device, progress=progress)
     return unlearn(
         req.loaded.model, req.new.images, req.new.targets.to(req.device), goal=req.goal,
         num_classes=req.loaded.num_classes, config=req.config, attack=req.attack,
         attack_labels=req.new.labels.to(req.device), seed=seed, precision=precision, progress=progress,
         retain=req.retain, keep=req.keep, original=req.first.model if req.first is not None else None,
+        space=index_space(req.loaded.model, req.index, req.config.retain_energy) if req.index is not None else None,
     )
 
 
@@ -301,17 +318,20 @@ def _goal_not_met(goal: Goal, report: dict[str, Any], allow_partial: bool) -> Go
 
 def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load_kw: dict[str, Any], out, report_path,
              method: str, device: str, force: bool, attack: AttackConfig, overrides: dict[str, Any],
-             keep, retain, original, eval_images, holdout, reads: Mapping[str, Any], writes: Mapping[str, Any]) -> _Request:
+             keep, retain, original, eval_images, holdout, index, update_index, reads: Mapping[str, Any],
+             writes: Mapping[str, Any]) -> _Request:
     """Check every option and input, load the model and the images; nothing expensive yet."""
     g = goal_named(goal)
     cfg = resolve(method, g.name, **overrides)
     dev = resolve_device(device)
     ckpt = Path(checkpoint)
     out_path = Path(out) if out is not None else default_output(ckpt, g.name)
-    writes = {"--out": out_path, "--report": report_path, **writes}
+    writes = {"--out": out_path, "--report": report_path, "--update-index": update_index, **writes}
     check_paths({"CHECKPOINT": [ckpt], "--original": [original], "--images": [images], "--manifest": [manifest],
-                 "--keep": keep, "--retain": retain, "--eval": [eval_images], "--holdout": [holdout], **reads}, writes)
-    _check_method_inputs(method, retain=retain, keep=keep, original=original, holdout=holdout)
+                 "--keep": keep, "--retain": retain, "--eval": [eval_images], "--holdout": [holdout],
+                 "--index": [index], **reads}, writes)
+    _check_method_inputs(method, retain=retain, keep=keep, original=original, holdout=holdout, index=index,
+                         update_index=update_index)
     loaded = load_model(ckpt, device=dev, **load_kw)
     check_output(out_path, ckpt, force)
     if report_path is not None:
@@ -334,22 +354,49 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load
                          + (len(retained) or cfg.stand_ins(n_all)), loaded.preprocessing,
                          "the images, their attack and anchor copies, stand-ins")
     new = _image_set(loaded, samples, g, dev)
+    cached, index_file = _read_index(index, loaded, update_index, force)
     return _Request(g, cfg, attack, dev, ckpt, out_path, loaded, samples, kept, retained, new,
                     _image_set(loaded, kept, g, dev) if kept else None,
                     load_images(retained, loaded.preprocessing).to(dev) if retained else None,
                     first, None if original is None else str(original), _broken_ledger(loaded), evaluated, notes,
-                    method, _image_set(loaded, held_out, goal_named("forget"), dev) if held_out else None)
+                    method, _image_set(loaded, held_out, goal_named("forget"), dev) if held_out else None,
+                    cached, index_file, None if update_index is None else Path(update_index))
 
 
-def _check_method_inputs(method: str, *, retain, keep, original, holdout) -> None:
+def _check_method_inputs(method: str, *, retain, keep, original, holdout, index, update_index) -> None:
     """Inputs a method needs or would ignore, refused before anything loads."""
     if method == "ltu":
         if not retain:
             raise UsageError("--method ltu needs --retain images of the domain (its meta-test and membership models use them)")
-        if keep or original is not None:
-            raise UsageError("--method ltu does not take --keep or --original (continual requests are the core methods')")
+        if keep or original is not None or index is not None:
+            raise UsageError("--method ltu does not take --keep, --original or --index")
+    elif method == "pgu":
+        if index is None:
+            raise UsageError("--method pgu needs --index FILE (make one with: l2ul index CHECKPOINT --retain "
+                             "TRAINING_IMAGES --out FILE)")
+        if keep or original is not None or retain:
+            raise UsageError("--method pgu does not take --keep, --original or --retain (its index holds what it keeps)")
     elif holdout is not None:
-        raise UsageError(f"--holdout is used by --method ltu; {method} would ignore it")
+        raise UsageError(f"--holdout is used by --method ltu and pgu; {method} would ignore it")
+    if index is not None and retain:
+        raise UsageError("give --index or --retain, not both: each is a retained space")
+    if update_index is not None and method != "pgu":
+        raise UsageError("--update-index writes PGU's reduced index: it needs --method pgu")
+
+
+def _read_index(path, loaded: LoadedModel, update_index, force: bool) -> tuple[RetainedIndex | None, dict[str, Any] | None]:
+    """--index, refused unless made for this checkpoint or the one its ledger began from."""
+    if path is None:
+        return None, None
+    from .files import sha256_file
+    from .index import load_index
+
+    if update_index is not None:
+        check_output(Path(update_index), Path(path), force, "updated index")
+    index = load_index(path)
+    index.check_matches(loaded.model, loaded.source.sha256, loaded.ledger)
+    return index, {"path": str(path), "sha256": sha256_file(path), "source": index.describe_source(),
+                   "images": index.images, "energy": index.energy}
 
 
 def _holdout_samples(loaded: LoadedModel, holdout, forget: Sequence[Sample]) -> list[Sample]:
@@ -420,9 +467,8 @@ def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, bef
     if req.first is not None:
         report["original"] = {"path": req.original, "sha256": req.first.source.sha256}
         report["config"]["original_sha256"] = req.first.source.sha256  # the ledger records the hash, not the path
-    held = {"retain": len(req.retained), "stand_ins": req.config.stand_ins(len(new) + len(req.kept))}
-    if result.retained in held:
-        report[result.retained] = {"n_images": held[result.retained], "agreement": result.agreement}
+    if result.retained in result.probes:
+        report[result.retained] = {"n_images": result.probes[result.retained]["n_images"], "agreement": result.agreement}
     for key, what in HELD_SETS:
         if key in report and report[key]["agreement"] < HELD_AGREEMENT and result.projection:
             report["notes"].append(f"warning: only {report[key]['agreement']:.1%} of the {what} keep their prediction "
@@ -460,8 +506,10 @@ def _broken_ledger(loaded: LoadedModel) -> str | None:
     return continuity(loaded.ledger, loaded.state_dict()) if loaded.ledger else None
 
 
-def _write(req: _Request, report: dict[str, Any], *, method: str, request_id: str | None, record_paths: bool) -> None:
-    """Append the request to the ledger and write the checkpoint (atomically); fill in the report."""
+def _write(req: _Request, report: dict[str, Any], *, method: str, request_id: str | None, record_paths: bool,
+           updated_index: RetainedIndex | None = None) -> None:
+    """Append the request to the ledger and write the checkpoint (atomically), and PGU's reduced
+    index with --update-index; fill in the report."""
     loaded = req.loaded
     loaded.ledger.append(make_entry(
         command=req.goal.name, method=method, settings=report["config"], samples=req.samples, before=report["before"],
@@ -471,6 +519,12 @@ def _write(req: _Request, report: dict[str, Any], *, method: str, request_id: st
     ))
     report["output_sha256"] = write_checkpoint(req.out, loaded.state_dict(), loaded.metadata())
     report["output"] = str(req.out)
+    if req.update_index is not None and updated_index is not None:
+        from .index import save_index
+
+        updated_index.sha256 = loaded.source.sha256 if not updated_index.sha256 else updated_index.sha256
+        report["updated_index"] = {"path": str(req.update_index), "sha256": save_index(req.update_index, updated_index),
+                                   "images": updated_index.images, "forgotten": updated_index.forgotten}
 
 
 def forget(checkpoint: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:

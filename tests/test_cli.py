@@ -636,10 +636,10 @@ def test_forget_and_relabel_share_one_option_set_except_what_differs():
     commands = get_command(app).commands
     flags = {name: {o for p in commands[name].params if isinstance(p, click.Option) for o in p.opts}
              for name in ("forget", "relabel")}
-    assert flags["forget"] - flags["relabel"] == {"--images", "--holdout"}  # --holdout: LTU and the forget objectives
+    assert flags["forget"] - flags["relabel"] == {"--images", "--holdout", "--update-index"}  # LTU and PGU forget only
     assert flags["relabel"] - flags["forget"] == set()
     methods = {name: next(p for p in commands[name].params if p.name == "method").type.choices for name in flags}
-    assert set(methods["forget"]) ^ set(methods["relabel"]) == {"neggrad", "correct", "ltu"}
+    assert set(methods["forget"]) ^ set(methods["relabel"]) == {"neggrad", "correct", "ltu", "pgu"}
 
 
 def test_help_has_panels_examples_and_a_short_flag():
