@@ -86,3 +86,14 @@ def test_reference_benchmark_smoke(tmp_path):
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| neggrad | 2 |", "| adv+imp[bn=eval] | 2 |"))]
     assert len(rows) == 2 and all(r[8].count("/") == 1 for r in rows)  # goal met n/2, with the spread over 2 seeds
     assert all("±" in r[3] for r in rows)
+
+
+@needs_fmnist
+def test_index_benchmark_smoke(tmp_path):
+    out = _run("index.py", "--ks", "2", "--seeds", "1", "--train-images", "64", "--stand-ins", "16", "--holdout", "50",
+               "--quick", tmp_path=tmp_path)
+    assert "Index builds (one-off)" in out and "16 stand-in images from BatchNorm statistics" in out
+    names = ["l2ul, stand-ins (no index)", "l2ul, index of 16 stand-ins", "l2ul, index of 64 training images",
+             "pgu (its stop rule, --holdout)", "pgu, --pgu-stop goal"]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert all(n in rows for n in names) and rows[names[0]][9] == "1.00×"
