@@ -115,8 +115,7 @@ def unlearn(
     distillation targets and the penalty's θ̃ come from it, so requests do not add up each
     other's drift.
     """
-    goal, progress = goal_named(goal), progress or NullProgress()
-    generator = torch.Generator().manual_seed(seed)
+    goal, progress, generator = goal_named(goal), progress or NullProgress(), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     new = ImageSet(images, targets, attack_labels if attack_labels is not None else targets)
     every = new.join(keep)
@@ -139,11 +138,10 @@ def unlearn(
     if config.importance:
         with _timed(seconds, "importance"):
             penalty = _penalty(model, every if config.keep_importance else new, config, original, progress)
-    if space is None and projector is not None:
-        space = RetainedSpace(projector, None, "given")
     if space is None:
-        space = retained_space(model, config=config, image_shape=shape, num_classes=num_classes, retain=retain,
-                               stand_ins=stand_ins, seed=seed, autocast_dtype=autocast_dtype, progress=progress)
+        space = RetainedSpace(projector, None, "given") if projector is not None else retained_space(
+            model, config=config, image_shape=shape, num_classes=num_classes, retain=retain, stand_ins=stand_ins,
+            seed=seed, autocast_dtype=autocast_dtype, progress=progress)
     if space.phase:
         seconds[space.phase] = space.seconds
     if space.note:

@@ -178,48 +178,9 @@ class _Request:
     update_index: Path | None = None
 
 
-def run_request(
-    goal: str,
-    checkpoint: str | os.PathLike,
-    *,
-    images: str | os.PathLike | None = None,
-    manifest: str | os.PathLike | None = None,
-    arch: str | None = None,
-    out: str | os.PathLike | None = None,
-    report_path: str | os.PathLike | None = None,
-    method: str = DEFAULT_METHOD,
-    device: str = "auto",
-    seed: int = 0,
-    force: bool = False,
-    allow_partial: bool = False,
-    input_size: Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-    attack: AttackConfig | None = None,
-    attack_overrides: dict[str, Any] | None = None,
-    unlearn_overrides: dict[str, Any] | None = None,
-    request_id: str | None = None,
-    record_paths: bool = False,
-    keep: Sequence[str | os.PathLike] = (),
-    retain: Sequence[str | os.PathLike] = (),
-    original: str | os.PathLike | None = None,
-    eval_images: str | os.PathLike | None = None,
-    holdout: str | os.PathLike | None = None,
-    index: str | os.PathLike | None = None,
-    update_index: str | os.PathLike | None = None,
-    precision: Precision = "auto",
-    progress: Progress | None = None,
-    options: dict[str, Any] | None = None,
-    extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None,
-    extra_writes: Mapping[str, str | os.PathLike | None] | None = None,
-    weights: Weights = "auto",
-    model_kwargs: dict[str, Any] | None = None,
-    command_line: str | None = None,
-    threads: Threads | None = None,
-) -> dict[str, Any]:
-    """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result.
+@dataclass
+class RequestOptions:
+    """What a forget or relabel request takes besides its goal and checkpoint: the CLI's options.
 
     ``retain``: folders or CSVs of other images from the same domain (no labels needed); every
     update is then kept orthogonal to what the layers see on them (:mod:`.retention`).
@@ -230,20 +191,64 @@ def run_request(
     ``weights``, ``model_kwargs``: as :func:`.models.load_model` takes them; ``original`` is read
     with the same choice (``auto``: the weights the input's stream began from).
     ``threads``: the CPU threads to compute with (:func:`.threads.choose_threads`; None: as set).
+    ``options``, ``command_line``: as the CLI resolved and received them, for the report.
+    """
+
+    images: str | os.PathLike | None = None
+    manifest: str | os.PathLike | None = None
+    arch: str | None = None
+    out: str | os.PathLike | None = None
+    report_path: str | os.PathLike | None = None
+    method: str = DEFAULT_METHOD
+    device: str = "auto"
+    seed: int = 0
+    force: bool = False
+    allow_partial: bool = False
+    input_size: Sequence[int] | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    attack: AttackConfig | None = None
+    attack_overrides: dict[str, Any] | None = None
+    unlearn_overrides: dict[str, Any] | None = None
+    request_id: str | None = None
+    record_paths: bool = False
+    keep: Sequence[str | os.PathLike] = ()
+    retain: Sequence[str | os.PathLike] = ()
+    original: str | os.PathLike | None = None
+    eval_images: str | os.PathLike | None = None
+    holdout: str | os.PathLike | None = None
+    index: str | os.PathLike | None = None
+    update_index: str | os.PathLike | None = None
+    precision: Precision = "auto"
+    progress: Progress | None = None
+    options: dict[str, Any] | None = None
+    extra_reads: Mapping[str, Sequence[str | os.PathLike | None]] | None = None
+    extra_writes: Mapping[str, str | os.PathLike | None] | None = None
+    weights: Weights = "auto"
+    model_kwargs: dict[str, Any] | None = None
+    command_line: str | None = None
+    threads: Threads | None = None
+
+    def load_kw(self) -> dict[str, Any]:
+        """How to build the model and read its images (:func:`.models.load_model`)."""
+        return dict(arch=self.arch, input_size=self.input_size, mean=self.mean, std=self.std, crop_pct=self.crop_pct,
+                    interpolation=self.interpolation, weights=self.weights, model_kwargs=self.model_kwargs)
+
+
+def run_request(goal: str, checkpoint: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Unlearn (``goal="forget"``) or relabel (``goal="relabel"``) and write the result;
+    ``options``: the fields of :class:`RequestOptions`.
 
     Returns the report dict. Raises :class:`DamagedModel` when the health check finds the model
     broken elsewhere, else :class:`GoalNotMet` when the step cap is hit first (each after writing
     the report, and the checkpoint only with ``allow_partial``).
     """
+    o = RequestOptions(**options)
     t_start = t0 = time.perf_counter()
-    threads_used = use_threads(threads)
-    load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
-                   weights=weights, model_kwargs=model_kwargs)
-    req = _prepare(goal, checkpoint, images=images, manifest=manifest, load_kw=load_kw, out=out, report_path=report_path,
-                   method=method, device=device, force=force,
-                   attack=attack or attack_config(method, **(attack_overrides or {})), overrides=unlearn_overrides or {},
-                   keep=keep, retain=retain, original=original, eval_images=eval_images, holdout=holdout,
-                   index=index, update_index=update_index, reads=extra_reads or {}, writes=extra_writes or {})
+    threads_used = use_threads(o.threads)
+    req = _prepare(goal, checkpoint, o)
     seconds = {"load": time.perf_counter() - t0}
     model, dev = req.loaded.model, req.device
     before_logits = predict(model, [req.new.images], dev)
@@ -251,41 +256,48 @@ def run_request(
     # With --eval, a forget request also gets the membership-inference check before and after.
     mia_set = [replace(s, label=int(req.new.labels[i])) for i, s in enumerate(req.samples)] if req.goal.away else None
     evaluated = [_evaluate(req, mia_set)] if req.evaluated else []
-    result = _run_method(req, seed=seed, precision=precision, progress=progress or NullProgress())
+    result = _run_method(req, seed=o.seed, precision=o.precision, progress=o.progress or NullProgress())
     seconds.update(result.seconds)
-    report = _report(req, result, method=method, seed=seed, before_logits=before_logits, keep_before=keep_before)
-    report.update(result.extra)
-    report["threads"] = threads_used
+    report = _report(req, result, method=o.method, seed=o.seed, before_logits=before_logits, keep_before=keep_before)
+    report.update({**result.extra, "threads": threads_used})
+    if evaluated:
+        evaluated.append(_evaluate(req, mia_set))
+    health = _finish_report(req, report, result, evaluated, o)
+    report["seconds"] = seconds
+    if (result.goal_met and health["healthy"] is not False) or o.allow_partial:
+        t0 = time.perf_counter()
+        _write(req, report, method=o.method, request_id=o.request_id, record_paths=o.record_paths,
+               updated_index=result.updated_index)
+        seconds["write"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    if o.report_path is not None:
+        write_json(o.report_path, report)
+    if health["healthy"] is False:
+        raise DamagedModel(damage_message(health, report["output"]), report=report)
+    if not result.goal_met:
+        raise _goal_not_met(req.goal, report, o.allow_partial)
+    return report
+
+
+def _finish_report(req: _Request, report: dict[str, Any], result: UnlearnResult,
+                   evaluated: list[tuple[dict[str, Any], torch.Tensor]], o: RequestOptions) -> dict[str, Any]:
+    """The report's index, --eval, health, options and command line; returns the health verdict."""
     if req.index_file is not None:
         report["index"] = req.index_file
         report["config"]["index_sha256"] = req.index_file["sha256"]  # the ledger's record of which index
     probes = dict(result.probes)
     if evaluated:
-        evaluated.append(_evaluate(req, mia_set))
         (before, pred_before), (after, pred_after) = evaluated
-        report["eval"] = {"images": str(eval_images), "before": before, "after": after}
+        report["eval"] = {"images": str(o.eval_images), "before": before, "after": after}
         report["before"]["accuracy"], report["after"]["accuracy"] = before["accuracy"], after["accuracy"]
         probes["eval"] = {"n_images": len(pred_after), "agreement": float((pred_before == pred_after).float().mean())}
     report["health"] = health = assess(probes)
     report["healthy"] = health["healthy"]
-    if options is not None:
-        report["options"] = options  # as resolved from flags, --config and defaults
-    if command_line is not None:
-        report["command_line"] = command_line  # as typed, so a report says how to run it again
-    report["seconds"] = seconds
-    if (result.goal_met and health["healthy"] is not False) or allow_partial:
-        t0 = time.perf_counter()
-        _write(req, report, method=method, request_id=request_id, record_paths=record_paths,
-               updated_index=result.updated_index)
-        seconds["write"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-    if report_path is not None:
-        write_json(report_path, report)
-    if health["healthy"] is False:
-        raise DamagedModel(damage_message(health, report["output"]), report=report)
-    if not result.goal_met:
-        raise _goal_not_met(req.goal, report, allow_partial)
-    return report
+    if o.options is not None:
+        report["options"] = o.options  # as resolved from flags, --config and defaults
+    if o.command_line is not None:
+        report["command_line"] = o.command_line  # as typed, so a report says how to run it again
+    return health
 
 
 def _run_method(req: _Request, *, seed: int, precision: Precision, progress: Progress) -> UnlearnResult:
@@ -316,55 +328,54 @@ def _goal_not_met(goal: Goal, report: dict[str, Any], allow_partial: bool) -> Go
                          "no checkpoint written (raise --max-steps or use --allow-partial)"), report=report)
 
 
-def _prepare(goal: str, checkpoint: str | os.PathLike, *, images, manifest, load_kw: dict[str, Any], out, report_path,
-             method: str, device: str, force: bool, attack: AttackConfig, overrides: dict[str, Any],
-             keep, retain, original, eval_images, holdout, index, update_index, reads: Mapping[str, Any],
-             writes: Mapping[str, Any]) -> _Request:
+def _prepare(goal: str, checkpoint: str | os.PathLike, o: RequestOptions) -> _Request:
     """Check every option and input, load the model and the images; nothing expensive yet."""
     g = goal_named(goal)
-    cfg = resolve(method, g.name, **overrides)
-    dev = resolve_device(device)
+    cfg = resolve(o.method, g.name, **(o.unlearn_overrides or {}))
+    attack = o.attack or attack_config(o.method, **(o.attack_overrides or {}))
+    dev = resolve_device(o.device)
     ckpt = Path(checkpoint)
-    out_path = Path(out) if out is not None else default_output(ckpt, g.name)
-    writes = {"--out": out_path, "--report": report_path, "--update-index": update_index, **writes}
-    check_paths({"CHECKPOINT": [ckpt], "--original": [original], "--images": [images], "--manifest": [manifest],
-                 "--keep": keep, "--retain": retain, "--eval": [eval_images], "--holdout": [holdout],
-                 "--index": [index], **reads}, writes)
-    _check_method_inputs(method, retain=retain, keep=keep, original=original, holdout=holdout, index=index,
-                         update_index=update_index)
+    out_path = Path(o.out) if o.out is not None else default_output(ckpt, g.name)
+    writes = {"--out": out_path, "--report": o.report_path, "--update-index": o.update_index, **(o.extra_writes or {})}
+    check_paths({"CHECKPOINT": [ckpt], "--original": [o.original], "--images": [o.images], "--manifest": [o.manifest],
+                 "--keep": o.keep, "--retain": o.retain, "--eval": [o.eval_images], "--holdout": [o.holdout],
+                 "--index": [o.index], **(o.extra_reads or {})}, writes)
+    _check_method_inputs(o)
+    load_kw = o.load_kw()
     loaded = load_model(ckpt, device=dev, **load_kw)
-    check_output(out_path, ckpt, force)
-    if report_path is not None:
-        check_output(Path(report_path), ckpt, True, "report")
+    check_output(out_path, ckpt, o.force)
+    if o.report_path is not None:
+        check_output(Path(o.report_path), ckpt, True, "report")
     first, notes = None, []
-    if original is not None:
-        check_output(out_path, Path(original), force)
+    if o.original is not None:
+        check_output(out_path, Path(o.original), o.force)
         # auto: the weights (model or EMA) the input's stream began from
-        first_weights = load_kw["weights"] if load_kw["weights"] != "auto" else (loaded.lineage_weights or "auto")
-        first, first_note = _original(Path(original), loaded, {**load_kw, "device": dev, "weights": first_weights})
+        first_weights = o.weights if o.weights != "auto" else (loaded.lineage_weights or "auto")
+        first, first_note = _original(Path(o.original), loaded, {**load_kw, "device": dev, "weights": first_weights})
         notes += [first_note] if first_note else []
-    samples = load_samples(loaded, images, manifest, require_new_label=not g.away)
-    kept = _keep_samples(loaded, keep, g)
-    retained = _retain_samples(loaded, retain)
-    evaluated = load_samples(loaded, eval_images, None) if eval_images is not None else []
-    held_out = _holdout_samples(loaded, holdout, samples)
-    _check_images(images, samples, kept, retained, evaluated + held_out, writes)
+    samples = load_samples(loaded, o.images, o.manifest, require_new_label=not g.away)
+    kept = _keep_samples(loaded, o.keep, g)
+    retained = _retain_samples(loaded, o.retain)
+    evaluated = load_samples(loaded, o.eval_images, None) if o.eval_images is not None else []
+    held_out = _holdout_samples(loaded, o.holdout, samples)
+    _check_images(o.images, samples, kept, retained, evaluated + held_out, writes)
     n_all = len(samples) + len(kept)  # and their copies: adversarial, shifted, blended; stand-ins or --retain
     check_planned_memory(n_all * (1 + attack.n_adv + cfg.shift_copies + cfg.mix_copies)
                          + (len(retained) or cfg.stand_ins(n_all)), loaded.preprocessing,
                          "the images, their attack and anchor copies, stand-ins")
     new = _image_set(loaded, samples, g, dev)
-    cached, index_file = _read_index(index, loaded, update_index, force)
+    cached, index_file = _read_index(o.index, loaded, o.update_index, o.force)
     return _Request(g, cfg, attack, dev, ckpt, out_path, loaded, samples, kept, retained, new,
                     _image_set(loaded, kept, g, dev) if kept else None,
                     load_images(retained, loaded.preprocessing).to(dev) if retained else None,
-                    first, None if original is None else str(original), _broken_ledger(loaded), evaluated, notes,
-                    method, _image_set(loaded, held_out, goal_named("forget"), dev) if held_out else None,
-                    cached, index_file, None if update_index is None else Path(update_index))
+                    first, None if o.original is None else str(o.original), _broken_ledger(loaded), evaluated, notes,
+                    o.method, _image_set(loaded, held_out, goal_named("forget"), dev) if held_out else None,
+                    cached, index_file, None if o.update_index is None else Path(o.update_index))
 
 
-def _check_method_inputs(method: str, *, retain, keep, original, holdout, index, update_index) -> None:
+def _check_method_inputs(o: RequestOptions) -> None:
     """Inputs a method needs or would ignore, refused before anything loads."""
+    method, retain, keep, original, holdout, index = o.method, o.retain, o.keep, o.original, o.holdout, o.index
     if method == "ltu":
         if not retain:
             raise UsageError("--method ltu needs --retain images of the domain (its meta-test and membership models use them)")
@@ -380,7 +391,7 @@ def _check_method_inputs(method: str, *, retain, keep, original, holdout, index,
         raise UsageError(f"--holdout is used by --method ltu and pgu; {method} would ignore it")
     if index is not None and retain:
         raise UsageError("give --index or --retain, not both: each is a retained space")
-    if update_index is not None and method != "pgu":
+    if o.update_index is not None and method != "pgu":
         raise UsageError("--update-index writes PGU's reduced index: it needs --method pgu")
 
 
