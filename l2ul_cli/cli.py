@@ -311,7 +311,8 @@ def _eval(**p: Any) -> None:
     def body():
         _check_documents(p["checkpoint"], p["markdown"], p["html"])
         r = evaluate_checkpoint(p["checkpoint"], images=p["images"], manifest=p["manifest"], device=p["device"],
-                                compare=p["compare"], forget_set=p["forget_set"], **_model_inputs(p), **_paths_of(p, "report"))
+                                compare=p["compare"], forget_set=p["forget_set"], holdout=p["holdout"],
+                                **_model_inputs(p), **_paths_of(p, "report"))
         r["options"] = options
         if command_line is not None:
             r["command_line"] = command_line

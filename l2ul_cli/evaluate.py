@@ -102,6 +102,27 @@ def membership_inference(
     }
 
 
+def auc_interval(value: float, n_members: int, n_nonmembers: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % interval of an AUC (Hanley and McNeil, 1982): with few images an AUC of 0.6 can be
+    chance, and the report says how wide the noise is."""
+    q1, q2 = value / (2 - value), 2 * value * value / (1 + value)
+    var = (value * (1 - value) + (n_members - 1) * (q1 - value ** 2) + (n_nonmembers - 1) * (q2 - value ** 2)) \
+        / max(1, n_members * n_nonmembers)
+    half = z * math.sqrt(max(var, 0.0))
+    return max(0.0, value - half), min(1.0, value + half)
+
+
+def per_image_losses(forget_logits: torch.Tensor, forget_labels: torch.Tensor, heldout_logits: torch.Tensor,
+                     heldout_labels: torch.Tensor) -> list[dict[str, float]]:
+    """Each forget image's loss and its percentile among the held-out images' losses (the share
+    with a loss at most its): near 50 it looks like an image the model never saw; at 1 its loss
+    is lower than 99 % of theirs (remembered), at 99 higher (pushed away), and either stands out."""
+    f_loss = F.cross_entropy(forget_logits.float(), forget_labels, reduction="none")
+    h_loss = torch.sort(F.cross_entropy(heldout_logits.float(), heldout_labels, reduction="none")).values
+    below = torch.searchsorted(h_loss, f_loss, right=True).float() / max(1, len(h_loss))
+    return [{"loss": float(v), "holdout_percentile": round(float(b) * 100, 1)} for v, b in zip(f_loss, below)]
+
+
 def streisand(before_labels: torch.Tensor, after_pred: torch.Tensor, num_classes: int) -> dict[str, float]:
     """How the forgotten images' new labels spread (paper Fig. 2): a single "retainer" class
     that collects them would itself reveal which images were removed.

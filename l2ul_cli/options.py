@@ -83,6 +83,9 @@ REQUEST: tuple[Opt, ...] = (
     Opt("holdout", ("--holdout",), _P, None, "Labelled images the model never trained on (folder or CSV): "
         "--method ltu trains its membership models on them, --method pgu's stop rule compares with them.", panel="Retention",
         commands=("forget",)),
+    Opt("holdout", ("--holdout",), _P, None, "Labelled images the model never trained on (folder or CSV): with "
+        "--forget, the membership attacks' reference (instead of --images) and each image's loss percentile.",
+        panel="Reports", commands=("eval",)),
     Opt("index", ("--index",), _P, None, "A retained-space index of this checkpoint or of the one its ledger "
         "began from (l2ul index): used instead of --retain or stand-ins; --method pgu needs one.", panel="Retention"),
     Opt("update_index", ("--update-index",), _P, None, "--method pgu: write the index less this request's images "

@@ -107,8 +107,13 @@ def render_eval(report: dict[str, Any], console: Console, wrote: Sequence[str] =
         table.add_row("prediction agreement", _pct(c["agreement"]))
         table.add_row("images whose prediction changed", str(len(c["changed"])))
     if "mia" in report:
+        m = report["mia"]
         table.add_row("forget images: accuracy", _pct(report["forget"]["forget_accuracy"]))
-        table.add_row("MIA loss AUC (0.5 = indistinguishable)", f"{report['mia']['loss_auc']:.3f}")
+        if "reference_accuracy" in report["forget"]:
+            table.add_row(f"{m.get('reference', '--images')} images: accuracy", _pct(report["forget"]["reference_accuracy"]))
+        lo, hi = m.get("loss_auc_interval", (None, None))
+        table.add_row(f"MIA loss AUC vs {m.get('reference', '--images')} (0.5 = indistinguishable)",
+                      f"{m['loss_auc']:.3f}" + (f" ({lo:.2f}-{hi:.2f})" if lo is not None else ""))
         table.add_row("MIA confidence AUC", f"{report['mia']['confidence_auc']:.3f}")
         s = report["forget"]["streisand"]
         if s.get("n"):
@@ -121,6 +126,12 @@ def render_eval(report: dict[str, Any], console: Console, wrote: Sequence[str] =
     for name, v in report["per_class"].items():
         pc.add_row(name, _pct(v["accuracy"]), str(v["n"]))
     console.print(pc)
+    rows = (report.get("forget") or {}).get("images") or []
+    if rows:  # the forget images that stand out most: their loss furthest from the unseen images' median
+        odd = sorted(rows, key=lambda r: -abs(r["holdout_percentile"] - 50))[:5]
+        console.print("forget images that stand out most (loss percentile among the reference images; 50 = "
+                      "typical of unseen images): " + ", ".join(f"{Path(r['path']).name} {r['holdout_percentile']:.0f}"
+                                                               for r in odd))
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     _wrote(wrote, console)

@@ -572,6 +572,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     compare: str | os.PathLike | None = None,
     forget_set: str | os.PathLike | Sequence[Sample] | None = None,
+    holdout: str | os.PathLike | None = None,
     input_size: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -590,10 +591,13 @@ def evaluate_checkpoint(
     (``compare``) and with a membership-inference check of unlearned images (``forget_set``: a
     folder, a CSV or labelled samples, with ``images`` as the held-out data). ``samples`` and
     their ``logits``, when the caller has them, replace ``images`` and the pass over them.
+    ``holdout``: labelled images the model never trained on (folder or CSV); with ``forget_set``
+    the attacks compare with them instead of ``images``, and each forget image's loss is placed
+    in their loss distribution.
 
     ``extra_writes``: the paths the caller will write (``--report``, ``--markdown``…), by option;
     none may replace an input (nor ``extra_reads``, e.g. ``--config``)."""
-    from .evaluate import membership_inference, streisand, summarize
+    from .evaluate import summarize
 
     t0 = time.perf_counter()
     threads_used = use_threads(threads)
@@ -621,15 +625,43 @@ def evaluate_checkpoint(
         is_path = isinstance(forget_set, (str, os.PathLike))
         f_samples = _folder_or_manifest(loaded, forget_set) if is_path else list(forget_set)
         check_paths({"an image of --forget": [s.path for s in f_samples]}, writes)
-        f_labels = _labelled(f_samples, "--forget")
-        f_logits = _logits(loaded, f_samples, dev)
-        report["forget"] = {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
-                            "streisand": streisand(f_labels, f_logits.argmax(1), loaded.num_classes)}
-        report["mia"] = membership_inference(f_logits, f_labels, logits, labels)
+        reference = (_holdout_samples(loaded, holdout, f_samples), "--holdout") if holdout is not None else (samples, "--images")
+        report.update(_forget_report(loaded, f_samples, reference, logits if holdout is None else None, dev))
+    elif holdout is not None:
+        raise UsageError("--holdout is the reference of --forget's membership check: give --forget too")
     if outside := outside_note(samples + f_samples):
-        report["notes"] = [outside]
+        report["notes"] = [*report.get("notes", []), outside]
     report["seconds"] = {"total": time.perf_counter() - t0}
     return report
+
+
+def _forget_report(loaded: LoadedModel, f_samples: list[Sample], reference: tuple[list[Sample], str],
+                   ref_logits: torch.Tensor | None, dev: torch.device) -> dict[str, Any]:
+    """--forget: their accuracy, the spread of their new labels, the two attacks against the
+    reference images (--holdout, else --images) with the AUC's interval, and each image's loss
+    percentile among the reference's."""
+    from .evaluate import auc_interval, membership_inference, per_image_losses, streisand
+
+    ref_samples, name = reference
+    ref_labels = _labelled(ref_samples, name)
+    ref_logits = ref_logits if ref_logits is not None else _logits(loaded, ref_samples, dev)
+    f_labels = _labelled(f_samples, "--forget")
+    f_logits = _logits(loaded, f_samples, dev)
+    mia = membership_inference(f_logits, f_labels, ref_logits, ref_labels)
+    mia.update({"reference": name, "n_reference": len(ref_samples),
+                "loss_auc_interval": auc_interval(mia["loss_auc"], len(f_samples), len(ref_samples))})
+    rows = [{"path": str(s.path), "label": loaded.class_name(int(f_labels[i])),
+             "prediction": loaded.class_name(int(f_logits[i].argmax())), **view}
+            for i, (s, view) in enumerate(zip(f_samples, per_image_losses(f_logits, f_labels, ref_logits, ref_labels)))]
+    out: dict[str, Any] = {
+        "forget": {"n_images": len(f_samples), "forget_accuracy": accuracy(f_logits, f_labels),
+                   "reference_accuracy": accuracy(ref_logits, ref_labels),
+                   "streisand": streisand(f_labels, f_logits.argmax(1), loaded.num_classes), "images": rows},
+        "mia": mia}
+    if len(ref_samples) < 50:
+        out["notes"] = [f"warning: {len(ref_samples)} {name} images: the attack AUC is noisy (95 % interval "
+                        f"{mia['loss_auc_interval'][0]:.2f}-{mia['loss_auc_interval'][1]:.2f})"]
+    return out
 
 
 def _compare(other: LoadedModel, loaded: LoadedModel, samples: Sequence[Sample], labels: torch.Tensor,
