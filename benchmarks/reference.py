@@ -68,7 +68,7 @@ def _spread(vals: list[float]) -> str:
 
 
 def table(cells: dict, before: float) -> str:
-    lines = [f"| method | k | official D_test | D_test, mean ± std (min–max) | gap to official | D_r | D_f | steps | goal met | s |",
+    lines = ["| method | k | official D_test | D_test, mean ± std (min–max) | gap to official | D_r | D_f | steps | goal met | s |",
              "|---|---|---|---|---|---|---|---|---|---|",
              f"| BEFORE | – | – | {before * 100:.2f} | – | – | – | – | – | – |"]
     for (method, k), runs in cells.items():
