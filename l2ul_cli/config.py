@@ -18,7 +18,7 @@ from .errors import UsageError
 
 Goal = Literal["forget", "relabel"]
 BNMode = Literal["eval", "train"]
-Objective = Literal["ce", "margin"]
+Objective = Literal["ce", "margin", "indistinguishable"]
 AdvLoss = Literal["none", "ce", "kd"]
 Weighting = Literal["sum", "share"]
 ImportanceEstimate = Literal["per-sample", "batch"]
@@ -85,7 +85,9 @@ class UnlearnConfig:
     """The update loop: objective, regularisers, optimiser and stop rule. A field with CLI
     metadata is an option whose default is the method's preset (:data:`METHODS`)."""
 
-    objective: Objective = _opt("ce", "Objective on the forget images: ce (the paper's) or margin (bounded).", panel="Method")
+    objective: Objective = _opt("ce", "Objective on the forget images: ce (the paper's), margin (bounded), or "
+                                "indistinguishable (forget: losses like --holdout images', as if never trained).",
+                                panel="Method")
     adv_loss: AdvLoss = _opt("ce", "Adversarial term: none, ce (the paper's: CE to the attack targets) or kd "
                              "(distil the original model).", panel="Method")
     importance: bool = True  # the MAS penalty of Eq. 7
@@ -260,6 +262,9 @@ def resolve(method: str, goal: str, **overrides: Any) -> UnlearnConfig:
         raise UsageError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
     if not 0.0 < cfg.retain_fraction <= 1.0:
         raise UsageError(f"--retain-fraction must be in (0, 1] (got {cfg.retain_fraction})")
+    if cfg.objective == "indistinguishable" and (goal != "forget" or method in SEPARATE_METHODS):
+        raise UsageError(f"--objective indistinguishable is a forget objective of the core methods, not of {goal} "
+                         f"with {method}")
     if "margin" in given and cfg.objective != "margin":
         raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
     for key in ("shift_copies", "mix_copies"):

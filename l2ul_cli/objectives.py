@@ -12,8 +12,11 @@ from .goals import Goal, goal_named
 def objective_loss(logits: torch.Tensor, targets: torch.Tensor, goal: str | Goal, kind: str, margin: float) -> torch.Tensor:
     """L_UL. ``ce``: the paper's (Eq. 3, 4). ``margin``: a per-image hinge on the logit gap that
     is exactly zero once the image is past its goal by ``margin``, so images already forgotten
-    stop pulling the weights (−CE is unbounded below)."""
+    stop pulling the weights (−CE is unbounded below). ``indistinguishable``: the hinge of
+    :class:`.goals.LossTargetGoal`, on each image's log loss against its target."""
     goal, logits = goal_named(goal), logits.float()
+    if kind == "indistinguishable":  # zero once an image's loss is within the tolerance of its target
+        return F.relu(goal.gap(logits, targets)).mean()
     if kind == "ce":
         return goal.ce_objective(logits, targets)
     return F.relu(goal.gap(logits, targets) + margin).mean()

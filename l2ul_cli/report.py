@@ -81,6 +81,12 @@ def render_run(report: dict[str, Any], console: Console, wrote: Sequence[str] = 
         console.print(f"weights: {report['weights']['used']} ({report['weights']['reason']})")
     if report.get("projection"):
         console.print(f"updates kept orthogonal to {report['projection']}")
+    if ind := report.get("indistinguishable"):
+        b, a = ind["before"], ind["after"]
+        console.print(f"as if never trained ({'met' if ind['met'] else 'not met'}): forget accuracy "
+                      f"{_pct(a['forget_accuracy'])} against --holdout {_pct(ind['holdout_accuracy'])} ± "
+                      f"{ind['binomial_noise'] * 100:.1f} points; loss AUC {b['loss_auc']:.3f} → {a['loss_auc']:.3f}, "
+                      f"confidence AUC {b['confidence_auc']:.3f} → {a['confidence_auc']:.3f} (0.5 ± 0.05 wanted)")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     if report.get("health"):

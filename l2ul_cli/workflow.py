@@ -20,7 +20,7 @@ from .checkpoint import write_checkpoint
 from .config import DEFAULT_METHOD, AttackConfig, UnlearnConfig, attack_config, resolve
 from .data import Sample, check_planned_memory, load_images, outside_note, read_manifest, scan_folder
 from .errors import DamagedModel, GoalNotMet, InputError, UsageError
-from .goals import Goal, goal_named
+from .goals import FORGET, INDISTINGUISHABLE, Goal, LossTargetGoal, goal_named
 from .health import assess, damage_message
 from .evaluate import accuracy, predict
 from .ledger import continuity, make_entry
@@ -256,10 +256,13 @@ def run_request(goal: str, checkpoint: str | os.PathLike, **options: Any) -> dic
     # With --eval, a forget request also gets the membership-inference check before and after.
     mia_set = [replace(s, label=int(req.new.labels[i])) for i, s in enumerate(req.samples)] if req.goal.away else None
     evaluated = [_evaluate(req, mia_set)] if req.evaluated else []
+    held_before = predict(model, [req.holdout.images], dev) if isinstance(req.goal, LossTargetGoal) else None
     result = _run_method(req, seed=o.seed, precision=o.precision, progress=o.progress or NullProgress())
     seconds.update(result.seconds)
     report = _report(req, result, method=o.method, seed=o.seed, before_logits=before_logits, keep_before=keep_before)
     report.update({**result.extra, "threads": threads_used})
+    if held_before is not None:
+        report["indistinguishable"] = _indistinguishable(req, before_logits, result.logits, held_before)
     if evaluated:
         evaluated.append(_evaluate(req, mia_set))
     health = _finish_report(req, report, result, evaluated, o)
@@ -300,6 +303,28 @@ def _finish_report(req: _Request, report: dict[str, Any], result: UnlearnResult,
     return health
 
 
+def _indistinguishable(req: _Request, before: torch.Tensor, after: torch.Tensor, held_before: torch.Tensor) -> dict:
+    """The attacks against the --holdout images before and after, and the accuracies they
+    should match: a forgotten image should be right about as often as an unseen one (binomial
+    noise at this k) and the attack AUCs near 0.5."""
+    from .evaluate import auc_interval, membership_inference
+
+    labels, held = req.new.labels, req.holdout
+    held_after = predict(req.loaded.model, [held.images], req.device)
+    k, p = len(labels), accuracy(held_before, held.labels)
+    out: dict[str, Any] = {"holdout": len(held), "holdout_accuracy": p, "tolerance": req.goal.tolerance,
+                           "binomial_noise": 1.96 * (p * (1 - p) / max(1, k)) ** 0.5}
+    for when, f_logits, h_logits in (("before", before, held_before), ("after", after, held_after)):
+        m = membership_inference(f_logits, labels, h_logits, held.labels)
+        out[when] = {"forget_accuracy": accuracy(f_logits, labels), "holdout_accuracy": accuracy(h_logits, held.labels),
+                     "loss_auc": m["loss_auc"], "confidence_auc": m["confidence_auc"],
+                     "loss_auc_interval": auc_interval(m["loss_auc"], k, len(held))}
+    a = out["after"]
+    out["met"] = bool(abs(a["forget_accuracy"] - p) <= out["binomial_noise"]
+                      and all(abs(a[key] - 0.5) <= 0.05 for key in ("loss_auc", "confidence_auc")))
+    return out
+
+
 def _run_method(req: _Request, *, seed: int, precision: Precision, progress: Progress) -> UnlearnResult:
     """The method's algorithm: the core's composition (:func:`.unlearn.unlearn`), or LTU's own."""
     if req.method == "ltu":
@@ -332,6 +357,8 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, o: RequestOptions) -> _Re
     """Check every option and input, load the model and the images; nothing expensive yet."""
     g = goal_named(goal)
     cfg = resolve(o.method, g.name, **(o.unlearn_overrides or {}))
+    if cfg.objective == "indistinguishable":
+        g = INDISTINGUISHABLE
     attack = o.attack or attack_config(o.method, **(o.attack_overrides or {}))
     dev = resolve_device(o.device)
     ckpt = Path(checkpoint)
@@ -363,13 +390,14 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, o: RequestOptions) -> _Re
     check_planned_memory(n_all * (1 + attack.n_adv + cfg.shift_copies + cfg.mix_copies)
                          + (len(retained) or cfg.stand_ins(n_all)), loaded.preprocessing,
                          "the images, their attack and anchor copies, stand-ins")
-    new = _image_set(loaded, samples, g, dev)
+    holdout_set = _image_set(loaded, held_out, FORGET, dev) if held_out else None
+    new = _image_set(loaded, samples, g, dev, holdout_set)
     cached, index_file = _read_index(o.index, loaded, o.update_index, o.force)
     return _Request(g, cfg, attack, dev, ckpt, out_path, loaded, samples, kept, retained, new,
                     _image_set(loaded, kept, g, dev) if kept else None,
                     load_images(retained, loaded.preprocessing).to(dev) if retained else None,
                     first, None if o.original is None else str(o.original), _broken_ledger(loaded), evaluated, notes,
-                    o.method, _image_set(loaded, held_out, goal_named("forget"), dev) if held_out else None,
+                    o.method, holdout_set,
                     cached, index_file, None if o.update_index is None else Path(o.update_index))
 
 
@@ -387,8 +415,15 @@ def _check_method_inputs(o: RequestOptions) -> None:
                              "TRAINING_IMAGES --out FILE)")
         if keep or original is not None or retain:
             raise UsageError("--method pgu does not take --keep, --original or --retain (its index holds what it keeps)")
+    elif (o.unlearn_overrides or {}).get("objective") == "indistinguishable":
+        if holdout is None:
+            raise UsageError("--objective indistinguishable needs --holdout: labelled images the model never trained "
+                             "on (e.g. a validation split), whose losses the forget images are brought to")
+        if keep:
+            raise UsageError("--objective indistinguishable does not take --keep yet")
     elif holdout is not None:
-        raise UsageError(f"--holdout is used by --method ltu and pgu; {method} would ignore it")
+        raise UsageError(f"--holdout is used by --method ltu and pgu and --objective indistinguishable; {method} "
+                         "would ignore it")
     if index is not None and retain:
         raise UsageError("give --index or --retain, not both: each is a retained space")
     if o.update_index is not None and method != "pgu":
@@ -441,13 +476,30 @@ def _evaluate(req: _Request, mia_set: list[Sample] | None) -> tuple[dict[str, An
     return report, logits.argmax(1)
 
 
-def _image_set(loaded: LoadedModel, samples: Sequence[Sample], goal: Goal, dev: torch.device) -> ImageSet:
+def _image_set(loaded: LoadedModel, samples: Sequence[Sample], goal: Goal, dev: torch.device,
+               holdout: ImageSet | None = None) -> ImageSet:
     """The images with their labels (given, else the model's predictions) and the goal's targets."""
     x = load_images(samples, loaded.preprocessing).to(dev)
-    pred = predict(loaded.model, [x], dev).argmax(1)
-    labels = torch.tensor([s.label if s.label is not None else int(pred[i]) for i, s in enumerate(samples)])
+    logits = predict(loaded.model, [x], dev)
+    labels = torch.tensor([s.label if s.label is not None else int(logits[i].argmax()) for i, s in enumerate(samples)])
+    if isinstance(goal, LossTargetGoal):
+        return ImageSet(x, _target_losses(loaded, logits, labels, holdout, dev), labels)
     targets = labels if goal.away else torch.tensor([s.new_label for s in samples])
     return ImageSet(x, targets, labels)
+
+
+def _target_losses(loaded: LoadedModel, logits: torch.Tensor, labels: torch.Tensor, holdout: ImageSet,
+                   dev: torch.device) -> torch.Tensor:
+    """Per image [label, target loss]: the held-out images' losses at evenly spaced quantiles,
+    given in the order of the images' own losses, so each moves as little as the match allows."""
+    import torch.nn.functional as F
+
+    held = F.cross_entropy(predict(loaded.model, [holdout.images], dev), holdout.labels, reduction="none")
+    k = len(labels)
+    quantiles = torch.quantile(held, (torch.arange(k, dtype=torch.float32) + 0.5) / k)
+    want = torch.empty(k)
+    want[F.cross_entropy(logits, labels, reduction="none").argsort()] = quantiles
+    return torch.stack([labels.float(), want], dim=1)
 
 
 def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, before_logits: torch.Tensor,
@@ -462,8 +514,8 @@ def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, bef
         "seed": seed, "precision": result.precision, "arch": loaded.arch,
         "weights": {"used": loaded.weights_used, "reason": loaded.weights_reason},
         "preprocessing": loaded.preprocessing.to_dict(), "n_images": len(req.samples),
-        "before": {g.report_key: accuracy(before_logits, new.targets)},
-        "after": {g.report_key: accuracy(result.logits, new.targets)},
+        "before": {g.report_key: g.report_value(before_logits, new.targets)},
+        "after": {g.report_key: g.report_value(result.logits, new.targets)},
         "steps": result.steps, "seconds": {}, "input": str(req.checkpoint), "input_sha256": loaded.source.sha256,
         "output": None, "output_sha256": None,
         "adv_attack_success": result.adv_attack_success, "lambda_final": result.lam_final,
@@ -486,8 +538,8 @@ def _report(req: _Request, result: UnlearnResult, *, method: str, seed: int, bef
                                    "although the projection holds them: accuracy elsewhere has probably dropped "
                                    "(measure it with --eval)")
     if req.keep is not None:
-        report["keep"] = {"n_images": len(req.kept), "before": {g.report_key: accuracy(keep_before, req.keep.targets)},
-                          "after": {g.report_key: accuracy(result.keep_logits, req.keep.targets)}}
+        report["keep"] = {"n_images": len(req.kept), "before": {g.report_key: g.report_value(keep_before, req.keep.targets)},
+                          "after": {g.report_key: g.report_value(result.keep_logits, req.keep.targets)}}
     # Both commands report accuracy against the current labels (the forget report's keys).
     report["before"]["forget_accuracy"] = accuracy(before_logits, new.labels)
     report["after"]["forget_accuracy"] = accuracy(result.logits, new.labels)
