@@ -151,3 +151,14 @@ def split_settings(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:
             cast = type(cur)(val)
         (att if key in afields else unl)[key] = cast
     return unl, att
+
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def publish(text: str, write: bool) -> None:
+    """Print a benchmark's tables and, unless ``--no-write``, append them to RESULTS.md."""
+    print(text)
+    if write:
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)

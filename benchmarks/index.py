@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, train_resnet18  # noqa: E402
+from common import CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
 from quality import pick  # noqa: E402
 
 from l2ul_cli.datasets import FASHION_MNIST_CLASSES  # noqa: E402
@@ -35,7 +35,6 @@ from l2ul_cli.errors import RunFailed  # noqa: E402
 from l2ul_cli.make_index import make_index  # noqa: E402
 from l2ul_cli.workflow import run_request  # noqa: E402
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
 def write_pngs(ev: Evaluator, idx: torch.Tensor, folder: Path) -> Path:
@@ -144,10 +143,7 @@ def main() -> None:
         base = statistics.mean(r["seconds"]["total"] for r in cells[("l2ul, stand-ins (no index)", k)])
         lines += [row(name, k, cells[(name, k)], base) for name in variants]
     out = "\n".join(lines) + "\n"
-    print(out)
-    if not args.no_write:
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write("\n" + out)
+    publish(out, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Evaluator, device_name, fresh, train_resnet18  # noqa: E402
+from common import Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
 from quality import parse_variant  # noqa: E402
 
 from l2ul_cli.config import attack_config, resolve  # noqa: E402
@@ -30,7 +30,6 @@ from l2ul_cli.errors import NumericalError  # noqa: E402
 from l2ul_cli.evaluate import accuracy, predict  # noqa: E402
 from l2ul_cli.unlearn import unlearn  # noqa: E402
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 # D_test (%) of the official code on this setup, one seed, as issue 29 reports it.
 OFFICIAL = {("neggrad", 4): 75.26, ("adv", 4): 79.97, ("adv+imp", 4): 80.26,
             ("neggrad", 16): 52.19, ("adv", 16): 59.60, ("adv+imp", 16): 68.61,
@@ -115,10 +114,7 @@ def main() -> None:
               f"`torch.manual_seed(0); torch.randperm(60000)`; each method at its preset; seeds 0–{args.seeds - 1} "
               f"(attack targets, random starts, batch order). D_r: a fixed 10,000 remaining training images.\n")
     out = header + "\n" + table(cells, before)
-    print(out)
-    if not args.no_write:
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write("\n" + out)
+    publish(out, not args.no_write)
 
 
 if __name__ == "__main__":
