@@ -657,7 +657,7 @@ def evaluate_checkpoint(
     writes = dict(extra_writes or {})
     forget_path = [forget_set] if isinstance(forget_set, (str, os.PathLike)) else []
     check_paths({"CHECKPOINT": [checkpoint], "--images": [images], "--manifest": [manifest], "--compare": [compare],
-                 "--forget": forget_path, **(extra_reads or {})}, writes)
+                 "--forget": forget_path, "--holdout": [holdout], **(extra_reads or {})}, writes)
     load_kw = dict(arch=arch, input_size=input_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
                    device=dev, model_kwargs=model_kwargs)
     if loaded is None:

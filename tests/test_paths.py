@@ -186,3 +186,24 @@ def test_report_equal_to_out_is_refused(digits_checkpoint, forget_dir, tmp_path)
             *FAST)
     refused(r, "--report", "--out")
     assert not out.exists()
+
+
+def test_index_and_holdout_paths_are_reads_too(digits_checkpoint, forget_dir, heldout_dir, tmp_path):
+    index = tmp_path / "x.index.safetensors"
+    index.write_bytes(b"not yet an index")
+    before = sha(index)
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--method", "pgu", "--index", index,
+            "--update-index", index, "--out", tmp_path / "o.safetensors", *FAST)
+    refused(r, "--update-index", "--index")
+    r = run("forget", digits_checkpoint, "--images", forget_dir, "--index", index, "--report", index,
+            "--out", tmp_path / "o.safetensors", *FAST)
+    refused(r, "--report", "--index")
+    assert sha(index) == before
+    held = next(heldout_dir.rglob("*.png"))
+    kept = sha(held)
+    r = run("eval", digits_checkpoint, "--images", forget_dir, "--forget", forget_dir, "--holdout", heldout_dir,
+            "--report", held, "--device", "cpu", "-q")
+    refused(r, "--report", "--holdout")
+    r = run("index", digits_checkpoint, "--retain", heldout_dir, "--out", held, "--device", "cpu", "-q")
+    refused(r, "--out", "--retain")
+    assert sha(held) == kept
