@@ -208,8 +208,18 @@ METHODS: dict[str, dict[str, Any]] = {
     # (lr 0.05 to 0.01 over 100 epochs, its loss) are its PGUConfig's, from its official code.
     "pgu": {"objective": "ce", "adv_loss": "none", "importance": False},
 }
-# Methods that are algorithms of their own rather than compositions of the core's parts.
+# Methods that are algorithms of their own rather than compositions of the core's parts, and the
+# settings each takes (any other is refused, not ignored); settings only one method takes.
 SEPARATE_METHODS = ("ltu", "pgu")
+METHOD_FIELDS: dict[str, set[str]] = {"ltu": {"lr", "max_steps", "retain_fraction"}, "pgu": {"gamma", "pgu_stop"}}
+OWNED_FIELDS = {"retain_fraction": "ltu", "gamma": "pgu", "pgu_stop": "pgu"}
+
+
+def uses(method: str, name: str) -> bool:
+    """Whether ``method`` reads the setting ``name``."""
+    if name in OWNED_FIELDS:
+        return OWNED_FIELDS[name] == method
+    return name in METHOD_FIELDS.get(method, {name})
 DEFAULT_METHOD = "l2ul"
 # The reference code's attack: ε 4 at any image size (its README: 1 to 5), a fresh random target
 # for every copy.
@@ -255,9 +265,10 @@ def resolve(method: str, goal: str, **overrides: Any) -> UnlearnConfig:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise UsageError(f"--{key.replace('_', '-')} must not be negative (got {value})")
     cfg = preset(method, **given)
-    for key, owner in (("retain_fraction", "ltu"), ("gamma", "pgu"), ("pgu_stop", "pgu")):
-        if key in given and method != owner:
-            raise UsageError(f"--{key.replace('_', '-')} is a setting of --method {owner}, not of {method}")
+    for key in given:
+        if not uses(method, key) and not (key == "objective" and given[key] == "indistinguishable"):
+            owner = f"--method {OWNED_FIELDS[key]}" if key in OWNED_FIELDS else "the core methods"
+            raise UsageError(f"--{key.replace('_', '-')} is a setting of {owner}; {method} does not use it")
     if not 0.0 < cfg.gamma <= 1.0:
         raise UsageError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
     if not 0.0 < cfg.retain_fraction <= 1.0:
@@ -283,7 +294,7 @@ def default_text(name: str, methods: tuple[str, ...] = tuple(METHODS), *, attack
     """The ``[default: …]`` of a config option, from the presets of ``methods``: the methods
     grouped by the value they use (``none`` names a None value)."""
     by_value: dict[str, list[str]] = {}
-    for method in methods:
+    for method in [m for m in methods if attack or uses(m, name)] or methods:
         value = _effective(attack_config(method) if attack else preset(method), name, none)
         by_value.setdefault(value, []).append(method)
     if len(by_value) == 1:

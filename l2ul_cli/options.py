@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, List, Optional
 
-from .config import AttackConfig, UnlearnConfig, cli_fields, default_text
+from .config import SEPARATE_METHODS, AttackConfig, UnlearnConfig, cli_fields, default_text
 from .goals import GOALS
 from .make_index import DEFAULT_ENERGY, DEFAULT_STAND_INS
 from .models import INTERPOLATIONS
@@ -178,8 +178,11 @@ def _for_goal(opt: Opt, goal: str) -> Opt:
     """The method choices of ``goal``, and the loop's defaults as its methods' presets give them."""
     methods = GOALS[goal].methods
     if opt.name == "method":
-        return replace(opt, choices=methods, help=f"{', '.join(m for m in methods if m != 'l2ul')} (the paper's) or "
-                                                   "l2ul (this tool's: bounded objective, distillation, projected updates).")
+        paper = [m for m in methods if m not in ("l2ul", *SEPARATE_METHODS)]
+        others = [m for m in methods if m in SEPARATE_METHODS]
+        return replace(opt, choices=methods, help=f"{', '.join(paper)} (Cha et al.'s)"
+                       + (f", {' and '.join(others)} (their papers')" if others else "")
+                       + " or l2ul (this tool's: bounded objective, distillation, projected updates).")
     if opt.target in ("attack", "unlearn"):
         cls = AttackConfig if opt.target == "attack" else UnlearnConfig
         meta = next(f.metadata["cli"] for f in cli_fields(cls) if f.name == opt.field)

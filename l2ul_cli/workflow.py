@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .checkpoint import write_checkpoint
-from .config import DEFAULT_METHOD, AttackConfig, UnlearnConfig, attack_config, resolve
+from .config import DEFAULT_METHOD, SEPARATE_METHODS, AttackConfig, UnlearnConfig, attack_config, resolve
 from .data import Sample, check_planned_memory, load_images, outside_note, read_manifest, scan_folder
 from .errors import DamagedModel, GoalNotMet, InputError, UsageError
 from .goals import FORGET, INDISTINGUISHABLE, Goal, LossTargetGoal, goal_named
@@ -404,6 +404,8 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, o: RequestOptions) -> _Re
 def _check_method_inputs(o: RequestOptions) -> None:
     """Inputs a method needs or would ignore, refused before anything loads."""
     method, retain, keep, original, holdout, index = o.method, o.retain, o.keep, o.original, o.holdout, o.index
+    if method in SEPARATE_METHODS and (given := [k for k, v in (o.attack_overrides or {}).items() if v is not None]):
+        raise UsageError(f"--{given[0].replace('_', '-')} sets the adversarial attack, which --method {method} does not run")
     if method == "ltu":
         if not retain:
             raise UsageError("--method ltu needs --retain images of the domain (its meta-test and membership models use them)")

@@ -47,4 +47,11 @@ def test_ltu_inputs_are_checked_before_any_work(digits_checkpoint, digits, forge
     shutil.copy(first, leaky / first.parent.name / "copy.png")
     r = run(*base, "--method", "ltu", "--retain", retain, "--holdout", leaky)
     assert r.exit_code == 1 and "forget image" in one_error_line(r)
+    # Settings LTU does not read are refused, not ignored.
+    r = run(*base, "--method", "ltu", "--retain", retain, "--n-adv", "3")
+    assert r.exit_code == 2 and "--n-adv" in one_error_line(r)
+    r = run(*base, "--method", "ltu", "--retain", retain, "--margin", "2")
+    assert r.exit_code == 2 and "--margin" in one_error_line(r)
+    r = run(*base, "--method", "pgu", "--index", retain, "--lr", "0.1")
+    assert r.exit_code == 2 and "--lr" in one_error_line(r)
     assert not out.exists()
