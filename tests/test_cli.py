@@ -445,7 +445,8 @@ def test_eval_metrics_compare_and_mia(digits_checkpoint, forget_dir, heldout_dir
     assert report["n_images"] == 297
     assert set(report["per_class"]) <= set(__import__("conftest").DIGIT_NAMES)
     assert report["forget"]["forget_accuracy"] == 0.0
-    assert set(report["mia"]) == {"loss_auc", "confidence_auc", "loss_histogram"}
+    assert {"loss_auc", "confidence_auc", "loss_histogram", "loss_auc_interval"} <= set(report["mia"])
+    assert report["mia"]["reference"] == "--images"  # without --holdout the attacks compare with --images
     assert 0.0 <= report["compare"]["agreement"] <= 1.0
     assert len(report["compare"]["changed"]) == round((1 - report["compare"]["agreement"]) * 297)
 
