@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .goals import GOALS
 from .files import atomic_write
 from .health import describe
 from .plots import FIGURES
@@ -80,9 +81,10 @@ def _run_blocks(report: dict[str, Any]) -> list[Block]:
                    ("table", ["", "loss AUC", "confidence AUC"],
                     [[w, f"{m['loss_auc']:.3f}", f"{m['confidence_auc']:.3f}"] for w, m in mia])]
     blocks += [("h", "Time per phase"), ("table", ["phase", "seconds"], [[k, f"{v:.2f}"] for k, v in report["seconds"].items()])]
-    header = ["image", "label", "before", "after"] + (["new label"] if cmd == "relabel" else [])
+    onto = not GOALS[cmd].away  # relabel: each image has a new label to reach
+    header = ["image", "label", "before", "after"] + (["new label"] if onto else [])
     rows = [[Thumb(Path(r["path"]).name, thumbnail(r["path"])), r["label"], r["before"], r["after"]]
-            + ([r["new_label"]] if cmd == "relabel" else []) for r in report["images"]]
+            + ([r["new_label"]] if onto else []) for r in report["images"]]
     blocks += [("h", "Images"), ("table", header, rows)]
     if report.get("notes"):
         blocks += [("h", "Notes"), ("ul", list(report["notes"]))]
@@ -138,7 +140,7 @@ def _figures(report: dict[str, Any], stem: str) -> list[Block]:
 def build(report: dict[str, Any], path: Path) -> list[Block]:
     """The document's blocks; figure files are named after ``path`` but nothing is written."""
     blocks: list[Block] = [("title", f"l2ul {report['command']}"), *_provenance(report)]
-    blocks += _run_blocks(report) if report["command"] in ("forget", "relabel") else _eval_blocks(report)
+    blocks += _run_blocks(report) if report["command"] in GOALS else _eval_blocks(report)
     return blocks + _figures(report, path.stem)
 
 

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from typing import Any
 
+from .goals import GOALS
 from .report import _pct
 
 
@@ -133,7 +134,7 @@ def read_labels(report: dict[str, Any]) -> str | None:
     if not rows:
         return None
     n = len(rows)
-    if report.get("command") == "relabel":
+    if not GOALS[report["command"]].away:  # relabel: did each reach its new label?
         hit = sum(r["after"] == r.get("new_label") for r in rows)
         return f"{hit} of {n} images are now predicted as their new label" + ("." if hit == n else f"; {n - hit} are not.")
     moved = [r["after"] for r in rows if r["after"] != r["label"]]
@@ -166,9 +167,9 @@ def read_accuracy(report: dict[str, Any]) -> str | None:
         lo, hi = min(pc, key=pc.__getitem__), max(pc, key=pc.__getitem__)
         return (f"Top-1 accuracy {_pct(report['accuracy'])} on {report['n_images']} images; per class it ranges from "
                 f"{_pct(pc[lo])} ({lo}) to {_pct(pc[hi])} ({hi}).")
-    forget = report["command"] == "forget"
-    key = "forget_accuracy" if forget else "relabel_accuracy"
-    what = "accuracy on the forget images" if forget else "share of images predicted as their new label"
+    goal = GOALS[report["command"]]
+    forget, key = goal.away, goal.report_key
+    what = goal.label if forget else f"share of {goal.label}"
     before, after = report["before"], report["after"]
     return (f"The {what} went from {_pct(before.get(key))} to {_pct(after.get(key))}"
             + _cost_elsewhere(before.get("accuracy"), after.get("accuracy")) + ".")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .files import atomic_write
+from .goals import GOALS
 from .health import describe
 
 # The report's keys for the images the projection holds, and how the output names them.
@@ -57,8 +58,8 @@ def _wrote(paths: Sequence[str], console: Console) -> None:
 def render_run(report: dict[str, Any], console: Console, wrote: Sequence[str] = ()) -> None:
     """Terminal summary of ``forget`` / ``relabel``; ``wrote``: the files written, checkpoint first."""
     cmd = report["command"]
-    key = "forget_accuracy" if cmd == "forget" else "relabel_accuracy"
-    label = "accuracy on the forget images" if cmd == "forget" else "images predicted as their new label"
+    goal = GOALS[cmd]
+    key, label = goal.report_key, goal.label
     ok = report["goal_met"]
     title = f"l2ul {cmd} · {report['method']} · {report['device']}"
     table = Table(title=title, show_header=True, header_style="bold")
@@ -152,7 +153,7 @@ def render_history(report: dict[str, Any], console: Console) -> None:
     for col in ("#", "request", "time (UTC)", "command", "method", "images", "goal met", "before → after"):
         t.add_column(col)
     for i, e in enumerate(ledger, 1):
-        key = "forget_accuracy" if e.get("command") == "forget" else "relabel_accuracy"
+        key = GOALS[e["command"]].report_key if e.get("command") in GOALS else "forget_accuracy"
         change = f"{_pct(e.get('before', {}).get(key))} → {_pct(e.get('after', {}).get(key))}"
         mark = " (new segment)" if e.get("new_segment") else ""
         t.add_row(str(i), str(e.get("request_id", "?")) + mark, str(e.get("time", "?")), str(e.get("command", "?")),
