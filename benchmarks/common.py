@@ -6,6 +6,7 @@ checkpoint, so every benchmark loads it exactly as a user's checkpoint is loaded
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -37,15 +38,20 @@ def device_name(dev: torch.device) -> str:
 
 
 def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "resnet18", subset: int = 0,
-                   recipe: str = "tool") -> tuple[Path, dict]:
+                   recipe: str = "tool", without: torch.Tensor | None = None) -> tuple[Path, dict]:
     """SGD + one-cycle recipe (like the paper's pre-trained models: SGD-trained), cached.
     ``subset`` > 0 trains on that many images only (the smoke test's tiny model).
 
     ``recipe``: "tool", this benchmark's own (batch 256, a 2-pixel roll of the whole batch, bf16 on
     CUDA, 15 % warm-up); "reference", the one issue 29's table of the official code was made
-    with (batch 128, random crops of the image zero-padded by 2 pixels, fp32, torch's one-cycle)."""
+    with (batch 128, random crops of the image zero-padded by 2 pixels, fp32, torch's one-cycle).
+
+    ``without``: training-image indices left out, the gold standard of unlearning (a model
+    retrained as if those images had never been there), cached under a hash of the indices."""
     ref = recipe == "reference"
     tag = "-ref" if ref else ""
+    if without is not None:
+        tag += "-wo" + hashlib.sha256(without.sort().values.numpy().tobytes()).hexdigest()[:10]
     path = CACHE / f"fmnist-{arch}{tag}-e{epochs}-s{seed}{f'-n{subset}' if subset else ''}.safetensors"
     if path.exists():
         return path, {}
@@ -54,6 +60,9 @@ def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "r
     x, y = fmnist("train")
     if subset:
         x, y = x[:subset], y[:subset]
+    if without is not None:
+        keep = ~torch.isin(torch.arange(len(y)), without)
+        x, y = x[keep], y[keep]
     xt, yt = fmnist("test")
     net = build_network(arch, 10, 1).to(dev).to(memory_format=torch.channels_last)
     bs = min(128 if ref else 256, len(y))

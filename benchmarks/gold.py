@@ -1,0 +1,170 @@
+"""As if never trained (issue 28): each method and objective beside a model retrained without the
+forget images, the gold standard of unlearning.
+
+For each of quality.py's draws (k training images), the benchmark's recipe is trained again,
+seeded as the original, on the training set less those images (cached in benchmarks/.cache:
+about 2.5 minutes each on 2 CPU cores). Each request then runs through the request API exactly
+as the CLI runs it (PNG folders); the held-out set is test images 0–999 (``--holdout`` for the
+indistinguishable objective), and D_test and the attacks use the other 9,000 test images, so
+no figure is measured on images a request saw.
+
+Per method, objective and k: D_f, D_r, D_test, the loss and confidence attack AUCs (forget vs
+test images) beside the retrained model's, and the average gap: mean |Δ| over D_f, D_r, D_test
+and the loss AUC (in points), as SalUn reports it. Cells are kept in benchmarks/.cache/gold.json
+as they finish, so a long run can be resumed and published in parts.
+
+    python benchmarks/gold.py                               # k = 16, 64, 128; 3 draws
+    python benchmarks/gold.py --ks 16 --variants "l2ul:indistinguishable"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CACHE, CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
+from index import write_pngs, write_test_pngs  # noqa: E402
+from quality import pick  # noqa: E402
+
+from l2ul_cli.errors import RunFailed  # noqa: E402
+from l2ul_cli.evaluate import accuracy, membership_inference, predict  # noqa: E402
+from l2ul_cli.workflow import run_request  # noqa: E402
+
+HOLDOUT = 1000  # test images 0..HOLDOUT-1 are the requests' held-out set; the rest measure
+CELLS = CACHE / "gold.json"
+
+
+def measure(model: torch.nn.Module, ev: Evaluator, idx: torch.Tensor, dev) -> dict:
+    """D_f, D_r, D_test and both attacks, forget vs the test images no request saw."""
+    keep = ev.remaining_pool[~torch.isin(ev.remaining_pool, idx)]
+    xt, yt = ev.xt[HOLDOUT:], ev.yt[HOLDOUT:]
+    lf, lr, lt = (predict(model, x.split(2000), dev) for x in (ev.x[idx], ev.x[keep], xt))
+    mia = membership_inference(lf, ev.y[idx], lt, yt)
+    return {"D_f": accuracy(lf, ev.y[idx]), "D_r": accuracy(lr, ev.y[keep]), "D_test": accuracy(lt, yt),
+            "loss_auc": mia["loss_auc"], "confidence_auc": mia["confidence_auc"]}
+
+
+def gap(cell: dict, gold: dict) -> float:
+    """SalUn's average gap, in points: mean |Δ| over D_f, D_r, D_test and the loss AUC."""
+    return statistics.mean(abs(cell[key] - gold[key]) * 100 for key in ("D_f", "D_r", "D_test", "loss_auc"))
+
+
+QUICK = {"unlearn_overrides": {"max_steps": 3, "synthetic_retain": 8, "synthetic_steps": 2},
+         "attack_overrides": {"n_adv": 2, "steps": 2}}  # --quick: the smoke test's sizes
+
+
+def request(ckpt, ev: Evaluator, dev, idx, work: Path, seed: int, method: str, objective: str, holdout: Path,
+            quick: bool = False) -> dict:
+    folder = work / f"forget-{len(idx)}-{seed}"
+    if not folder.exists():
+        write_pngs(ev, idx, folder)
+    out = work / "out.safetensors"
+    kw = {"attack_overrides": QUICK["attack_overrides"] if quick else {},
+          "unlearn_overrides": QUICK["unlearn_overrides"] if quick else {}}
+    if objective == "indistinguishable":
+        kw = {**kw, "holdout": holdout, "unlearn_overrides": {**kw["unlearn_overrides"], "objective": objective}}
+    try:
+        rep = run_request("forget", ckpt, images=folder, out=out, method=method, device=str(dev), seed=seed,
+                          force=True, allow_partial=True, **kw)
+    except RunFailed as exc:  # goal not met or damaged: written anyway (allow_partial), measured
+        rep = exc.report
+    m = measure(fresh(out, dev).model, ev, idx, dev)
+    extra = rep.get("indistinguishable", {})
+    return {**m, "steps": rep["steps"], "goal_met": rep["goal_met"], "healthy": rep["healthy"],
+            "seconds": rep["seconds"]["total"], "met": extra.get("met")}
+
+
+def load_cells() -> dict:
+    return json.loads(CELLS.read_text()) if CELLS.exists() else {}
+
+
+def save_cell(key: str, value: dict) -> None:
+    cells = load_cells()
+    cells[key] = value
+    tmp = CELLS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cells, indent=1))
+    tmp.replace(CELLS)
+
+
+def mean_sd(vals: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    m = statistics.mean(vals) * scale
+    return f"{m:.{digits}f}" + (f" ± {statistics.stdev(vals) * scale:.{digits}f}" if len(vals) > 1 else "")
+
+
+def table(cells: dict, variants: list[str], ks: list[int], seeds: list[int]) -> list[str]:
+    lines = ["| variant | k | draws | D_f | D_r | D_test | loss AUC | conf. AUC | avg gap | steps | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ["retrained", "original", *variants]:
+        for k in ks:
+            runs = [cells[f"{name}|{k}|{s}"] for s in seeds if f"{name}|{k}|{s}" in cells]
+            golds = [cells[f"retrained|{k}|{s}"] for s in seeds if f"{name}|{k}|{s}" in cells]
+            if not runs:
+                continue
+            gaps = [gap(r, g) for r, g in zip(runs, golds)]
+            steps = ", ".join(str(r["steps"]) for r in runs) if "steps" in runs[0] else "–"
+            secs = f"{statistics.mean(r['seconds'] for r in runs):.0f}" if "seconds" in runs[0] else "–"
+            lines.append(f"| {name} | {k} | {len(runs)} | {mean_sd([r['D_f'] for r in runs])} | "
+                         f"{mean_sd([r['D_r'] for r in runs])} | {mean_sd([r['D_test'] for r in runs], digits=2)} | "
+                         f"{mean_sd([r['loss_auc'] for r in runs], 1, 3)} | {mean_sd([r['confidence_auc'] for r in runs], 1, 3)} | "
+                         f"{mean_sd(gaps, 1, 2)} | {steps} | {secs} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ks", type=int, nargs="*", default=[16, 64, 128])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=["l2ul:misclassify", "l2ul:indistinguishable"],
+                    help="method:objective, each a request through the CLI's API")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--train-subset", type=int, default=0)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke test: few steps, tiny attack and stand-ins")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    epochs = args.epochs or (CPU_EPOCHS if dev.type == "cpu" else GPU_EPOCHS)
+    ckpt, _ = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
+    ev = Evaluator(dev)
+    seeds = list(range(args.seeds))
+    tag = f"{args.arch}-e{epochs}-n{args.train_subset}{'-quick' if args.quick else ''}"
+    cells = {key.split("@")[0]: v for key, v in load_cells().items() if key.endswith("@" + tag)}
+    with tempfile.TemporaryDirectory(prefix="l2ul-gold-") as tmp:
+        work = Path(tmp)
+        holdout = write_test_pngs(ev, HOLDOUT, work / "holdout")
+        for k in args.ks:
+            for s in seeds:
+                idx = pick(len(ev.y), k, s)
+                todo = {"original": None, "retrained": None, **{v: v.split(":") for v in args.variants}}
+                for name, spec in todo.items():
+                    if f"{name}|{k}|{s}" in cells:
+                        continue
+                    if spec is None:
+                        path = ckpt if name == "original" else train_resnet18(
+                            dev, epochs, arch=args.arch, subset=args.train_subset, without=idx)[0]
+                        cell = measure(fresh(path, dev).model, ev, idx, dev)
+                    else:
+                        cell = request(ckpt, ev, dev, idx, work, s, spec[0], spec[1], holdout, args.quick)
+                    cells[f"{name}|{k}|{s}"] = cell
+                    save_cell(f"{name}|{k}|{s}@{tag}", cell)
+                    print(name, k, s, cell, flush=True)
+    lines = [f"## As if never trained: beside models retrained without the forget images · {args.arch} · {device_name(dev)}",
+             "", f"Command: `python benchmarks/gold.py {' '.join(sys.argv[1:])}`. The benchmark's model ({epochs} epochs) "
+             f"and, per draw (quality.py's draws {seeds[0]}–{seeds[-1]}), the same recipe and seed retrained without the "
+             f"draw's images. Requests through the request API (PNG folders, the CLI's defaults); --holdout: test images "
+             f"0–{HOLDOUT - 1}. D_test and both attack AUCs (forget vs test) on test images {HOLDOUT}–9999. "
+             "avg gap: mean |Δ| from the retrained model over D_f, D_r, D_test and the loss AUC, in points. mean ± std over draws.",
+             "", *table(cells, args.variants, args.ks, seeds)]
+    publish("\n".join(lines) + "\n", not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
