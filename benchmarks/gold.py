@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke test: few steps, tiny attack and stand-ins")
+    ap.add_argument("--publish-only", action="store_true", help="tabulate the saved cells; run nothing")
     args = ap.parse_args()
     dev = torch.device(args.device)
     epochs = args.epochs or (CPU_EPOCHS if dev.type == "cpu" else GPU_EPOCHS)
@@ -145,7 +146,7 @@ def main() -> None:
                 idx = pick(len(ev.y), k, s)
                 todo = {"original": None, "retrained": None, **{v: v.split(":") for v in args.variants}}
                 for name, spec in todo.items():
-                    if f"{name}|{k}|{s}" in cells:
+                    if f"{name}|{k}|{s}" in cells or args.publish_only:
                         continue
                     if spec is None:
                         path = ckpt if name == "original" else train_resnet18(

@@ -101,7 +101,7 @@ def attack_with_retry(model, images, labels, num_classes, attack: AttackConfig, 
             return adversarial_set(
                 model, images, labels, num_classes, n_adv=attack.n_adv, generator=generator,
                 per_copy_targets=attack.per_copy_targets, eps=attack.radius(tuple(images.shape[1:])), step_size=attack.step_size,
-                steps=attack.steps, random_start=attack.random_start, batch_size=batch,
+                steps=attack.steps, random_start=attack.random_start, start_at=attack.start, batch_size=batch,
                 autocast_dtype=autocast_dtype, cuda_graph=attack.cuda_graph, progress=progress.advance,
             )
         except torch.cuda.OutOfMemoryError:
@@ -122,6 +122,12 @@ def build_anchors(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     the shifted copies and class blends; ``teacher`` (default: ``model``) gives the outputs to keep."""
     progress = progress or NullProgress()
     x_adv, t_adv, _ = attack_with_retry(model, images, labels, num_classes, attack, generator, autocast_dtype, progress)
+    if not config.shuffle_anchors:
+        # In order, as the reference code keeps them: the first copy of every image, then the
+        # second, ...; so each batch of rows holds copies of every image, not of the first few.
+        n = images.shape[0]
+        order = torch.arange(x_adv.shape[0], device=x_adv.device).view(n, -1).t().flatten()
+        x_adv, t_adv = x_adv[order], t_adv[order]
     own = logits_on(model, x_adv)
     success = float((own.argmax(1) == t_adv).float().mean())
     teacher = teacher if teacher is not None else model

@@ -78,6 +78,19 @@ def _graphed_steps(model, x, y, delta, steps, eps, step_size, autocast_dtype) ->
     return state
 
 
+def _start(x: torch.Tensor, noise: torch.Tensor, radii: torch.Tensor, eps: float, start_at: str) -> torch.Tensor:
+    """The first perturbation. ``ball``: the Gaussian ``noise`` as a direction, at a uniform
+    share ``radii`` of ``eps``. ``noise``: the uniform ``noise`` image itself, the perturbation
+    towards it cut to ``eps`` (advertorch's L2 start, which the reference code uses)."""
+    if start_at == "noise":
+        delta = noise - x
+        delta = delta * torch.clamp(eps / _l2_norm(delta).clamp_min(1e-12), max=1.0)
+    else:
+        radius = radii.view(-1, *([1] * (x.dim() - 1))).to(x.device)
+        delta = noise / _l2_norm(noise).clamp_min(1e-12) * radius * eps
+    return (x + delta).clamp(0, 1) - x
+
+
 def pgd_l2_targeted(
     model: nn.Module,
     images: torch.Tensor,
@@ -87,6 +100,7 @@ def pgd_l2_targeted(
     step_size: float = 0.1,
     steps: int = 100,
     random_start: bool = True,
+    start_at: str = "ball",
     generator: torch.Generator | None = None,
     batch_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
@@ -99,6 +113,7 @@ def pgd_l2_targeted(
     adversarial images in [0, 1], same shape and device. ``progress(n)`` is called with the
     number of images finished after each chunk. ``autocast_dtype`` (e.g. bfloat16 on CUDA)
     runs forward/backward in reduced precision; the perturbation itself stays fp32.
+    ``start_at``: where a random start lies (:func:`_start`).
     ``cuda_graph`` (CUDA only; ignored elsewhere) replays each chunk's step as one CUDA graph:
     the same kernels without a Python launch per op, which is what bounds a small model.
     """
@@ -119,12 +134,11 @@ def pgd_l2_targeted(
             delta = torch.zeros_like(x)
             if random_start and eps > 0:
                 rows = range(start, start + x.shape[0])
+                draw = torch.rand if start_at == "noise" else torch.randn
                 noise = torch.stack([
-                    torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(row_seeds[i])) for i in rows
+                    draw(x.shape[1:], generator=torch.Generator().manual_seed(row_seeds[i])) for i in rows
                 ]).to(x.device)
-                radius = radii[start:start + x.shape[0]].view(-1, *([1] * (x.dim() - 1))).to(x.device)
-                delta = noise / _l2_norm(noise).clamp_min(1e-12) * radius * eps
-                delta = (x + delta).clamp(0, 1) - x
+                delta = _start(x, noise, radii[start:start + x.shape[0]], eps, start_at)
             if cuda_graph and x.is_cuda:
                 delta = _graphed_steps(model, x, y, delta, steps, eps, step_size, autocast_dtype)
             else:

@@ -252,3 +252,33 @@ def test_adversarial_set_shapes_and_sources(trained):
     assert bool((target != y[source]).all())
     assert bool((target.view(5, 3) == target.view(5, 3)[:, :1]).all())  # one target per image
     assert float((x_adv - x[source]).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-4
+
+
+def test_noise_start_lies_on_the_segment_to_a_uniform_image_at_eps(trained):
+    """advertorch's L2 start (the reference code's): the perturbation towards a uniform random
+    image, cut to eps; x + t(u - x) stays in [0, 1], so every row starts at exactly eps. The
+    ball start spreads its radii over [0, eps]."""
+    model, x, _ = trained
+    x = x[:64]
+    y = torch.zeros(len(x), dtype=torch.long)
+    norms = {}
+    for start in ("noise", "ball"):
+        out = pgd_l2_targeted(model, x, y, eps=0.5, steps=0, start_at=start, generator=torch.Generator().manual_seed(0))
+        norms[start] = (out - x).flatten(1).norm(dim=1)
+        assert out.min() >= 0 and out.max() <= 1
+    assert torch.allclose(norms["noise"], torch.full_like(norms["noise"], 0.5), atol=1e-4)
+    assert norms["ball"].max() <= 0.5 + 1e-5 and norms["ball"].mean() < 0.45
+
+
+def test_reference_presets_start_from_noise_and_keep_rows_copy_major(trained):
+    from l2ul_cli.anchors import build_anchors
+    from l2ul_cli.config import attack_config, resolve
+
+    assert attack_config("adv+imp").start == "noise" and attack_config("l2ul").start == "ball"
+    model, x, y = trained
+    cfg = resolve("adv", "forget")
+    anchors = build_anchors(model, x[:3], y[:3], num_classes=C, config=cfg,
+                            attack=attack_config("adv", n_adv=4, steps=2, eps=0.05), generator=torch.Generator().manual_seed(0))
+    # each run of 3 rows holds one copy of each of the 3 images: the nearest image of each row
+    nearest = torch.cdist(anchors.inputs.flatten(1), x[:3].flatten(1)).argmin(1)
+    assert nearest.tolist() == [0, 1, 2] * 4
