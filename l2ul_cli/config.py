@@ -281,9 +281,9 @@ def resolve(method: str, goal: str, **overrides: Any) -> UnlearnConfig:
         raise UsageError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
     if not 0.0 < cfg.retain_fraction <= 1.0:
         raise UsageError(f"--retain-fraction must be in (0, 1] (got {cfg.retain_fraction})")
-    if cfg.objective == "indistinguishable" and (goal != "forget" or method in SEPARATE_METHODS):
-        raise UsageError(f"--objective indistinguishable is a forget objective of the core methods, not of {goal} "
-                         f"with {method}")
+    if cfg.objective == "indistinguishable" and (goal != "forget" or method == "pgu"):
+        raise UsageError(f"--objective indistinguishable is a forget objective of the core methods and LTU, not of "
+                         f"{goal} with {method}")
     if "margin" in given and cfg.objective != "margin":
         raise UsageError(f"--margin shapes the bounded objective only; {method} uses {cfg.objective} (add --objective margin)")
     for key in ("shift_copies", "mix_copies"):

@@ -83,7 +83,7 @@ RELABEL = Goal("relabel", False, "relabel_accuracy", "images predicted as their 
 GOALS: dict[str, Goal] = {g.name: g for g in (FORGET, RELABEL)}
 # A forget request with --objective indistinguishable: the command stays "forget".
 INDISTINGUISHABLE = LossTargetGoal("forget", True, "indistinguishable_share", "images whose loss looks held-out",
-                                   "still distinguishable", ("l2ul", "neggrad", "adv", "adv+imp"))
+                                   "still distinguishable", ("l2ul", "neggrad", "adv", "adv+imp", "ltu"))
 
 
 def goal_named(goal: str | Goal) -> Goal:

@@ -40,6 +40,11 @@ No official code exists; these choices are ours, not the paper's:
   support of a few relabelled images would give poor batch statistics.
 - For a goal that moves images onto targets (``away=False``) the support is labelled with the
   targets and the membership term is off; the paper only forgets.
+- For the indistinguishable objective (:class:`.goals.LossTargetGoal`, each image's loss brought
+  to a held-out image's) the meta-tune loss is that goal's hinge on the log loss instead of CE to
+  random labels, and the membership term pulls the images' membership probability to the
+  held-out images' mean rather than to "non-member": the aim is to look held out, not to be
+  told apart from the other side. The paper has no such objective.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from .attack import draw_targets
 from .errors import NumericalError, UsageError
 from .evaluate import predict
 from .config import UnlearnConfig
-from .goals import FORGET, Goal, goal_named
+from .goals import FORGET, Goal, LossTargetGoal, goal_named
 from .unlearn import ImageSet, UnlearnResult
 
 __all__ = ["FEATURES", "STRATEGIES", "LTUConfig", "LTUResult", "MembershipModel", "MetaGradients", "augment",
@@ -262,6 +267,7 @@ class _Sets:
 
     forget: torch.Tensor
     forget_y: torch.Tensor  # what the goal is judged against (the true labels for forget)
+    labels: torch.Tensor  # the forget images' true labels (what the membership models read)
     support_y: torch.Tensor  # the meta-tune labels: random wrong ones, or the goal's targets
     retain: torch.Tensor  # the retain_fraction subset
     retain_y: torch.Tensor
@@ -271,20 +277,29 @@ def _prepare(forget_x, forget_y, retain_x, retain_y, goal: Goal, num_classes: in
              device, generator: torch.Generator) -> _Sets:
     """Move to ``device``, draw the random labels and the retain subset."""
     forget_y = forget_y.to(device)
-    support_y = draw_targets(forget_y, num_classes, 1, generator)[:, 0].to(device) if goal.away else forget_y
+    labels = LossTargetGoal.split(forget_y)[0] if isinstance(goal, LossTargetGoal) else forget_y
+    if goal.away and not isinstance(goal, LossTargetGoal):
+        support_y = draw_targets(forget_y, num_classes, 1, generator)[:, 0].to(device)
+    else:  # the goal's own targets: new labels, or [label, target loss] rows
+        support_y = forget_y
     n = max(1, math.ceil(config.retain_fraction * len(retain_x)))
     keep = torch.randperm(len(retain_x), generator=generator)[:n]
-    return _Sets(forget_x.to(device), forget_y, support_y, retain_x[keep].to(device), retain_y[keep].to(device))
+    return _Sets(forget_x.to(device), forget_y, labels, support_y, retain_x[keep].to(device), retain_y[keep].to(device))
 
 
-def _forget_objective(sets: _Sets, rows: torch.Tensor, goal: Goal, mias: list[MembershipModel], weight: float):
-    """L_f of the support ``rows``: CE to their support labels, plus for a forget goal the
-    membership models' push towards "non-member"."""
+def _forget_objective(sets: _Sets, rows: torch.Tensor, goal: Goal, mias: list[MembershipModel], weight: float,
+                      member_target: float = 0.0):
+    """L_f of the support ``rows``: CE to their support labels (for the indistinguishable goal,
+    its hinge on the log loss), plus for a forget goal the membership models' pull towards
+    ``member_target`` (0: "non-member")."""
     def loss(logits: torch.Tensor) -> torch.Tensor:
-        value = F.cross_entropy(logits.float(), sets.support_y[rows])
+        if isinstance(goal, LossTargetGoal):
+            value = F.relu(goal.gap(logits.float(), sets.support_y[rows])).mean()
+        else:
+            value = F.cross_entropy(logits.float(), sets.support_y[rows])
         if goal.away and mias and weight:
-            member = _membership(mias, logits, sets.forget_y[rows]).clamp(1e-6, 1 - 1e-6)
-            value = value + weight * F.binary_cross_entropy(member, torch.zeros_like(member))
+            member = _membership(mias, logits, sets.labels[rows]).clamp(1e-6, 1 - 1e-6)
+            value = value + weight * F.binary_cross_entropy(member, torch.full_like(member, member_target))
         return value
     return loss
 
@@ -298,12 +313,12 @@ def _support_rows(met: torch.Tensor, size: int, generator: torch.Generator) -> t
 
 def _step(model: nn.Module, params: dict[str, torch.Tensor], sets: _Sets, met: torch.Tensor, goal: Goal,
           mias: list[MembershipModel], config: LTUConfig, generator: torch.Generator,
-          first_order: bool) -> tuple[bool, MetaGradients]:
+          first_order: bool, member_target: float = 0.0) -> tuple[bool, MetaGradients]:
     """One meta-tune, meta-test and meta-update; returns whether the gradients conflicted."""
     rows = _support_rows(met, config.support_size, generator).to(sets.forget.device)
     queries = torch.cat(draw_queries(model, sets.retain, sets.retain_y, config.query_size, config.strategies, generator))
     queries = queries.to(sets.retain.device)
-    grads = meta_gradients(model, params, _forget_objective(sets, rows, goal, mias, config.mia_weight),
+    grads = meta_gradients(model, params, _forget_objective(sets, rows, goal, mias, config.mia_weight, member_target),
                            sets.forget[rows], sets.retain[queries], sets.retain_y[queries],
                            inner_lr=config.inner_lr, first_order=first_order)
     g_f = torch.cat([g.flatten() for g in grads.forget])
@@ -341,6 +356,11 @@ def ltu_unlearn(
         notes.append(f"query sets cut to the {len(sets.retain)} retain images available")
     mias = _membership_models(model, sets, holdout_x, holdout_y, config, generator, notes)
     retain_before = predict(model, sets.retain.split(256), device).argmax(1)
+    member_target = 0.0
+    if isinstance(goal, LossTargetGoal) and mias and holdout_x is not None:  # look held out: their mean
+        member_target = _mean_membership(mias, predict(model, holdout_x.split(256), device, device),
+                                         holdout_y.to(device))
+        notes.append(f"membership term pulls towards the held-out images' mean P(member), {member_target:.3f}")
     seconds = {"membership": time.perf_counter() - t0}
     t0 = time.perf_counter()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -352,7 +372,7 @@ def ltu_unlearn(
         if bool(met.all()) or steps >= config.max_steps:
             break
         try:
-            conflict, grads = _step(model, params, sets, met, goal, mias, config, generator, first_order)
+            conflict, grads = _step(model, params, sets, met, goal, mias, config, generator, first_order, member_target)
         except RuntimeError as exc:  # raised before the update: the weights are unchanged
             if first_order or "not implemented" not in str(exc):
                 raise
@@ -371,8 +391,8 @@ def ltu_unlearn(
         goal_met=bool(goal.met(final, sets.forget_y).all()), steps=steps, harmonized=harmonized,
         conflicts=conflicts, seconds=seconds, notes=notes, logits=final.cpu(),
         retain_agreement=(predict(model, sets.retain.split(256), device).argmax(1) == retain_before).float().mean().item(),
-        membership_before=_mean_membership(mias, before, sets.forget_y),
-        membership_after=_mean_membership(mias, final, sets.forget_y), loss_history=history,
+        membership_before=_mean_membership(mias, before, sets.labels),
+        membership_after=_mean_membership(mias, final, sets.labels), loss_history=history,
     )
 
 

@@ -401,6 +401,10 @@ def _prepare(goal: str, checkpoint: str | os.PathLike, o: RequestOptions) -> _Re
                     cached, index_file, None if o.update_index is None else Path(o.update_index))
 
 
+_NEEDS_HOLDOUT = ("--objective indistinguishable needs --holdout: labelled images the model never trained on (e.g. a "
+                  "validation split), whose losses the forget images are brought to")
+
+
 def _check_method_inputs(o: RequestOptions) -> None:
     """Inputs a method needs or would ignore, refused before anything loads."""
     method, retain, keep, original, holdout, index = o.method, o.retain, o.keep, o.original, o.holdout, o.index
@@ -411,6 +415,8 @@ def _check_method_inputs(o: RequestOptions) -> None:
             raise UsageError("--method ltu needs --retain images of the domain (its meta-test and membership models use them)")
         if keep or original is not None or index is not None:
             raise UsageError("--method ltu does not take --keep, --original or --index")
+        if (o.unlearn_overrides or {}).get("objective") == "indistinguishable" and holdout is None:
+            raise UsageError(_NEEDS_HOLDOUT)
     elif method == "pgu":
         if index is None:
             raise UsageError("--method pgu needs --index FILE (make one with: l2ul index CHECKPOINT --retain "
@@ -419,8 +425,7 @@ def _check_method_inputs(o: RequestOptions) -> None:
             raise UsageError("--method pgu does not take --keep, --original or --retain (its index holds what it keeps)")
     elif (o.unlearn_overrides or {}).get("objective") == "indistinguishable":
         if holdout is None:
-            raise UsageError("--objective indistinguishable needs --holdout: labelled images the model never trained "
-                             "on (e.g. a validation split), whose losses the forget images are brought to")
+            raise UsageError(_NEEDS_HOLDOUT)
         if keep:
             raise UsageError("--objective indistinguishable does not take --keep yet")
     elif holdout is not None:

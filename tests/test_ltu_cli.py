@@ -55,3 +55,21 @@ def test_ltu_inputs_are_checked_before_any_work(digits_checkpoint, digits, forge
     r = run(*base, "--method", "pgu", "--index", retain, "--lr", "0.1")
     assert r.exit_code == 2 and "--lr" in one_error_line(r)
     assert not out.exists()
+
+
+def test_ltu_as_if_never_trained(digits_checkpoint, digits, forget_dir, heldout_dir, tmp_path):
+    """--method ltu --objective indistinguishable: the forget images' losses brought to held-out
+    ones', not past the boundary; the attacks against --holdout in the report; no holdout, an error."""
+    rep, out = tmp_path / "r.json", tmp_path / "out.safetensors"
+    base = ["forget", digits_checkpoint, "--images", forget_dir, "--method", "ltu", "--retain", _retain(tmp_path, digits),
+            "--objective", "indistinguishable", "--out", out, "--device", "cpu", "-q"]
+    r = run(*base)
+    assert r.exit_code == 2 and "--holdout" in one_error_line(r) and not out.exists()
+    r = run(*base, "--holdout", heldout_dir, "--report", rep, "--allow-partial")
+    assert r.exit_code in (0, 3), r.output
+    report = json.loads(rep.read_text())
+    ind, before, after = report["indistinguishable"], report["before"], report["after"]
+    # more images whose loss looks held out than before, and not misclassified wholesale
+    assert after["indistinguishable_share"] > before["indistinguishable_share"]
+    assert ind["after"]["forget_accuracy"] >= ind["holdout_accuracy"] - 3 * ind["binomial_noise"]
+    assert report["health"]["healthy"] and any("held-out images' mean" in n for n in report["notes"])
