@@ -38,7 +38,8 @@ def device_name(dev: torch.device) -> str:
 
 
 def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "resnet18", subset: int = 0,
-                   recipe: str = "tool", without: torch.Tensor | None = None) -> tuple[Path, dict]:
+                   recipe: str = "tool", without: torch.Tensor | None = None,
+                   model_args: dict | None = None) -> tuple[Path, dict]:
     """SGD + one-cycle recipe (like the paper's pre-trained models: SGD-trained), cached.
     ``subset`` > 0 trains on that many images only (the smoke test's tiny model).
 
@@ -47,11 +48,15 @@ def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "r
     with (batch 128, random crops of the image zero-padded by 2 pixels, fp32, torch's one-cycle).
 
     ``without``: training-image indices left out, the gold standard of unlearning (a model
-    retrained as if those images had never been there), cached under a hash of the indices."""
+    retrained as if those images had never been there), cached under a hash of the indices.
+    ``model_args``: the constructor's (e.g. ``{"patch_size": 2}`` for a ConvNeXt at 28 px), kept
+    in the checkpoint's metadata as timm's config.json keeps them."""
     ref = recipe == "reference"
     tag = "-ref" if ref else ""
     if without is not None:
         tag += "-wo" + hashlib.sha256(without.sort().values.numpy().tobytes()).hexdigest()[:10]
+    if model_args:
+        tag += "-" + "-".join(f"{k}{v}" for k, v in sorted(model_args.items()))
     path = CACHE / f"fmnist-{arch}{tag}-e{epochs}-s{seed}{f'-n{subset}' if subset else ''}.safetensors"
     if path.exists():
         return path, {}
@@ -64,7 +69,7 @@ def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "r
         keep = ~torch.isin(torch.arange(len(y)), without)
         x, y = x[keep], y[keep]
     xt, yt = fmnist("test")
-    net = build_network(arch, 10, 1).to(dev).to(memory_format=torch.channels_last)
+    net = build_network(arch, 10, 1, model_args=model_args).to(dev).to(memory_format=torch.channels_last)
     bs = min(128 if ref else 256, len(y))
     steps = epochs * (len(y) // bs)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -94,7 +99,7 @@ def train_resnet18(dev: torch.device, epochs: int, seed: int = 0, arch: str = "r
     write_checkpoint(path, net.state_dict(), {
         "arch": arch, "num_classes": 10, "in_chans": 1, "class_names": FASHION_MNIST_CLASSES,
         "preprocessing": {"input_size": [1, 28, 28], "mean": [MEAN], "std": [STD], "crop_pct": 1.0, "interpolation": "bilinear"},
-        "ledger": [], "training": info,
+        "ledger": [], "training": info, **({"model_args": model_args} if model_args else {}),
     })
     return path, info
 

@@ -12,6 +12,7 @@ table per experiment and writes it to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -214,6 +215,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--arch", default="resnet18", help="model trained for the benchmark (smoke test: test_resnet)")
     ap.add_argument("--train-subset", type=int, default=0, help="train the model on this many images only")
+    ap.add_argument("--model-args", type=json.loads, default=None, help='constructor arguments, JSON: \'{"patch_size": 2}\'')
     ap.add_argument("--continual-total", type=int, default=None)
     ap.add_argument("--continual-without-keep", action="store_true", help="do not pass earlier requests' images (--keep)")
     ap.add_argument("--continual-without-original", action="store_true", help="do not pass the first checkpoint as --original")
@@ -236,7 +238,7 @@ def main() -> None:
     overrides, attack_set = split_settings("l2ul", dict(kv.split("=", 1) for kv in args.set))
     attack.update(attack_set)
 
-    ckpt, info = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
+    ckpt, info = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset, model_args=args.model_args)
     ev = Evaluator(dev)
     base = fresh(ckpt, dev)
     lt = predict(base.model, ev.xt.split(2000), dev)

@@ -24,6 +24,7 @@ Weighting = Literal["sum", "share"]
 ImportanceEstimate = Literal["per-sample", "batch"]
 PGUStop = Literal["gap", "goal"]
 AttackStart = Literal["ball", "noise"]
+StandInSource = Literal["auto", "dead-leaves"]
 
 # Help panels of ``forget --help`` / ``relabel --help``, in order.
 PANELS = ("Inputs & outputs", "Method", "Attack", "Retention", "Continual", "Reports", "Advanced")
@@ -148,7 +149,8 @@ class UnlearnConfig:
     # Projected updates (projection.py): from --retain images, else from synthetic_retain images
     # made from the model's BatchNorm statistics (synthesis.py; 0: no projection).
     synthetic_retain: int = _opt(0, "Without --retain: stand-in images made from the model's BatchNorm "
-                                 "statistics to keep updates orthogonal to; 0: no projection.", panel="Retention")
+                                 "statistics to keep updates orthogonal to; "
+                                 "0: no projection.", panel="Retention")
     # More stand-ins for more forget images (stand_ins()): this many per image, up to
     # synthetic_retain_max. The deepest layers of a small image see one input column per image,
     # so 256 stand-ins span at most 256 of ResNet-18's 512 input directions there.
@@ -156,6 +158,10 @@ class UnlearnConfig:
     synthetic_retain_max: int = 0
     synthetic_steps: int = 200
     synthetic_lr: float = 0.1  # Adam's step on the stand-ins' pixel logits
+    # auto: from BatchNorm statistics where the model has them, else none (a note says so);
+    # dead-leaves: class-like dead-leaves images, an experiment for networks without BatchNorm
+    # not yet adopted (mixed on a tiny ViT: docs/lab-notes.md, 2026-12-03).
+    synthetic_source: StandInSource = "auto"
     # Share of the retained images' input energy per layer that updates must not touch
     # (RESULTS.md "Projected updates": 0.995 kept 0.4-1.2 more points than 0.97).
     gamma: float = _opt(0.95, "PGU: share of each layer's singular-value sum of the index that its updates "

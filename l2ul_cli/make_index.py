@@ -20,8 +20,6 @@ from .index import build_index, save_index
 from .models import LoadedModel, load_model
 from .paths import check_paths
 from .precision import choose
-from .synthesis import BATCH as SYNTH_BATCH
-from .synthesis import has_batchnorm, invert_batchnorm
 from .threads import Threads, use_threads
 
 # Vectors up to this share of each layer's trace: a request's projection (0.995 by default, PGU's
@@ -87,17 +85,17 @@ def _retained(loaded: LoadedModel, retain, max_images: int | None, seed: int) ->
 
 
 def _stand_ins(loaded: LoadedModel, n: int, seed: int, dev, progress: Progress) -> tuple[Iterator[torch.Tensor], int, str]:
+    from .retention import stand_in_images
+    from .synthesis import has_batchnorm
+
     if not has_batchnorm(loaded.model):
         raise UsageError("the model has no BatchNorm statistics to make stand-in images from: pass --retain "
                          "images of the domain")
     shape = loaded.preprocessing.input_size
-    cfg = UnlearnConfig()
     autocast_dtype, _ = choose(loaded.model, shape, dev, "auto")
-    progress.start("synthesis", cfg.synthetic_steps * -(-n // SYNTH_BATCH), unit="steps")
-    images = invert_batchnorm(loaded.model, n, shape, loaded.num_classes, steps=cfg.synthetic_steps,
-                              lr=cfg.synthetic_lr, seed=seed, autocast_dtype=autocast_dtype, progress=progress.advance)
-    progress.finish()
-    return iter(images.split(64)), n, f"{n} stand-in images from BatchNorm statistics"
+    images, source = stand_in_images(loaded.model, n, shape, loaded.num_classes, UnlearnConfig(), seed=seed,
+                                     autocast_dtype=autocast_dtype, progress=progress)
+    return iter(images.split(64)), n, source
 
 
 def _probe_count(loaded: LoadedModel) -> int:

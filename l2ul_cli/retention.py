@@ -1,6 +1,6 @@
 """The retained space: what every update is kept orthogonal to, whatever its source — images the
-user still holds (``--retain``), stand-ins made from the model's BatchNorm statistics
-(:mod:`.synthesis`) when there are none (both :func:`retained_space`), or a cached index of
+user still holds (``--retain``), stand-ins made from the model's BatchNorm statistics, or for a
+network without them from dead-leaves images (:mod:`.synthesis`), when there are none (both :func:`retained_space`), or a cached index of
 either (:func:`index_space`, :mod:`.index`)."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from .evaluate import predict
 from .index import RetainedIndex
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
-from .synthesis import has_batchnorm, invert_batchnorm
+from .synthesis import class_dead_leaves, has_batchnorm, invert_batchnorm
 
+DEAD_LEAVES_STEPS = 50
 NO_BATCHNORM = ("the model has no BatchNorm statistics to make stand-in images from: updates were not "
                 "projected (pass --retain images of the domain)")
 
@@ -53,14 +54,12 @@ def retained_space(model: nn.Module, *, config: UnlearnConfig, image_shape: tupl
         return RetainedSpace(projector, retain, "retain", "retain", time.perf_counter() - t0)
     if stand_ins <= 0:
         return RetainedSpace(None, None, "none")
-    if not has_batchnorm(model):
+    if not has_batchnorm(model) and config.synthetic_source == "auto":
         return RetainedSpace(None, None, "none", note=NO_BATCHNORM)
-    progress.start("synthesis", config.synthetic_steps * -(-stand_ins // SYNTH_BATCH), unit="steps")
-    images = invert_batchnorm(model, stand_ins, image_shape, num_classes, steps=config.synthetic_steps,
-                              lr=config.synthetic_lr, seed=seed, autocast_dtype=autocast_dtype, progress=progress.advance)
-    progress.finish()
+    images, source = stand_in_images(model, stand_ins, image_shape, num_classes, config, seed=seed,
+                                     autocast_dtype=autocast_dtype, progress=progress)
     projector = GradientProjector(model, images, energy=config.retain_energy)
-    projector.source = f"{stand_ins} stand-in images from BatchNorm statistics"
+    projector.source = source
     return RetainedSpace(projector, images, "stand_ins", "synthesis", time.perf_counter() - t0)
 
 
@@ -75,3 +74,25 @@ def index_space(model: nn.Module, index: RetainedIndex, energy: float) -> Retain
         projector.predictions = predict(model, probes.split(256), device).argmax(1)
     kind = "retain" if "--retain" in index.source else "stand_ins"
     return RetainedSpace(projector, probes, kind, "index", time.perf_counter() - t0)
+
+
+def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_classes: int, config: UnlearnConfig,
+                    *, seed: int = 0, autocast_dtype: torch.dtype | None = None,
+                    progress: Progress | None = None) -> tuple[torch.Tensor, str]:
+    """``n`` stand-ins and how they were made: from BatchNorm statistics, or for a network
+    without them class-like dead-leaves images (RESULTS.md "Stand-ins for networks without
+    BatchNorm"), whose few steps need no more than DEAD_LEAVES_STEPS."""
+    progress = progress or NullProgress()
+    batchnorm = has_batchnorm(model) and config.synthetic_source == "auto"
+    steps = config.synthetic_steps if batchnorm else min(config.synthetic_steps, DEAD_LEAVES_STEPS)
+    progress.start("synthesis", steps * -(-n // SYNTH_BATCH), unit="steps")
+    if batchnorm:
+        images = invert_batchnorm(model, n, image_shape, num_classes, steps=steps, lr=config.synthetic_lr, seed=seed,
+                                  autocast_dtype=autocast_dtype, progress=progress.advance)
+    else:
+        images = class_dead_leaves(model, n, image_shape, num_classes, steps=steps, seed=seed,
+                                   autocast_dtype=autocast_dtype, progress=progress.advance)
+    progress.finish()
+    made = "BatchNorm statistics" if batchnorm else "dead-leaves images made class-like" + (
+        "" if has_batchnorm(model) else " (the model has no BatchNorm)")
+    return images, f"{n} stand-in images from {made}"

@@ -5,6 +5,12 @@ optimised so that every BatchNorm layer sees those statistics while the classifi
 of a chosen class (the recipe of DeepInversion, Yin et al., CVPR 2020) make layers respond as to
 training data: good enough to tell :mod:`.projection` which input directions training-like
 images use. They are not meant to look like the data.
+
+Networks without BatchNorm (ViT, ConvNeXt: LayerNorm keeps no statistics) get
+:func:`class_dead_leaves` instead: dead-leaves images (occluding discs with power-law radii, the
+procedural images whose statistics come closest to natural ones, Baradad et al., NeurIPS 2021),
+then a few steps towards a chosen class, so that deep layers respond to them as to images of
+the classes rather than to noise.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ def _optimise(model: nn.Module, z: torch.Tensor, y: torch.Tensor, distances: lis
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x).float()
         tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-        loss = F.cross_entropy(logits, y) + torch.stack(distances).sum() + tv_weight * tv
+        loss = F.cross_entropy(logits, y) + tv_weight * tv
+        if distances:  # the BatchNorm statistics' distances, when there are layers to hook
+            loss = loss + torch.stack(distances).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -121,6 +129,63 @@ def invert_batchnorm(
     finally:
         for h in handles:
             h.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    return torch.cat(out)
+
+
+def dead_leaves(n: int, image_shape: tuple[int, int, int], generator: torch.Generator, discs: int = 64,
+                smallest: float = 0.03, largest: float = 0.5) -> torch.Tensor:
+    """``n`` dead-leaves images in [0, 1]: ``discs`` discs each, later ones on top, radii (as
+    a share of the side) with density ∝ r⁻³ between ``smallest`` and ``largest``, one random
+    level per channel; the background is the level of a first, covering disc."""
+    c, h, w = image_shape
+    ys = torch.linspace(0, 1, h).view(1, h, 1)
+    xs = torch.linspace(0, 1, w).view(1, 1, w) * (w / h)
+    out = torch.rand((n, c, 1, 1), generator=generator).expand(n, c, h, w).clone()
+    lo, hi = smallest ** -2, largest ** -2
+    for _ in range(discs):  # inverse CDF of r^-3 on [smallest, largest]
+        r = (lo + torch.rand(n, generator=generator) * (hi - lo)) ** -0.5
+        cy, cx = torch.rand(n, generator=generator), torch.rand(n, generator=generator) * (w / h)
+        inside = ((ys - cy.view(n, 1, 1)) ** 2 + (xs - cx.view(n, 1, 1)) ** 2) <= r.view(n, 1, 1) ** 2
+        level = torch.rand((n, c, 1, 1), generator=generator)
+        out = torch.where(inside.unsqueeze(1), level, out)
+    return out
+
+
+def class_dead_leaves(
+    model: nn.Module,
+    n: int,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    steps: int = 50,
+    lr: float = 0.05,
+    tv_weight: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = BATCH,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """``n`` stand-ins for a network without BatchNorm: dead-leaves images moved by ``steps``
+    Adam steps on cross-entropy to a class (classes in turn) and a small total-variation term,
+    starting from the images themselves (few steps, small lr: they keep their statistics)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = []
+    try:
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            x0 = dead_leaves(m, image_shape, gen).clamp(0.02, 0.98)
+            z = torch.logit(x0).to(device)
+            y = (torch.arange(start, start + m) % num_classes).to(device)
+            out.append(_optimise(model, z, y, [], steps=steps, lr=lr, tv_weight=tv_weight,
+                                 autocast_dtype=autocast_dtype, progress=progress))
+    finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
     return torch.cat(out)

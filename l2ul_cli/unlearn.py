@@ -29,7 +29,6 @@ from .objectives import objective_loss
 from .precision import Precision, choose, describe
 from .projection import GradientProjector
 from .retention import RetainedSpace, retained_space
-from .synthesis import has_batchnorm
 
 __all__ = ["ImageSet", "NullProgress", "Progress", "UnlearnResult", "unlearn"]
 
@@ -125,7 +124,7 @@ def unlearn(
     stand_ins = config.stand_ins(len(every)) if projector is None and retain is None and space is None else 0
     # Only the attack and the stand-ins run in reduced precision: no need to time it without them.
     autocast_dtype, how = choose(model, shape, images.device, precision) \
-        if attacking or (stand_ins and has_batchnorm(model)) else (None, None)
+        if attacking or stand_ins else (None, None)
     model.eval()
 
     anchors = None
