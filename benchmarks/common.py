@@ -22,6 +22,9 @@ from l2ul_cli.models import LoadedModel, build_network, load_model
 CACHE = Path(os.environ.get("L2UL_BENCH_CACHE", Path(__file__).parent / ".cache"))
 MEAN, STD = 0.2860, 0.3530
 GPU_EPOCHS, CPU_EPOCHS = 20, 3  # the recipe (>= 92 %) and its CPU-sized version (flagged as such)
+# --quick of index.py and gold.py: the smoke test's sizes of a request through the request API.
+QUICK = {"unlearn_overrides": {"max_steps": 3, "synthetic_retain": 8, "synthetic_steps": 2},
+         "attack_overrides": {"n_adv": 2, "steps": 2}}
 
 
 def fmnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
+from common import CACHE, CPU_EPOCHS, GPU_EPOCHS, QUICK, Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
 from index import write_pngs, write_test_pngs  # noqa: E402
 from quality import pick  # noqa: E402
 
@@ -54,10 +54,6 @@ def measure(model: torch.nn.Module, ev: Evaluator, idx: torch.Tensor, dev) -> di
 def gap(cell: dict, gold: dict) -> float:
     """SalUn's average gap, in points: mean |Δ| over D_f, D_r, D_test and the loss AUC."""
     return statistics.mean(abs(cell[key] - gold[key]) * 100 for key in ("D_f", "D_r", "D_test", "loss_auc"))
-
-
-QUICK = {"unlearn_overrides": {"max_steps": 3, "synthetic_retain": 8, "synthetic_steps": 2},
-         "attack_overrides": {"n_adv": 2, "steps": 2}}  # --quick: the smoke test's sizes
 
 
 def request(ckpt, ev: Evaluator, dev, idx, work: Path, seed: int, method: str, objective: str, holdout: Path,

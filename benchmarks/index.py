@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
+from common import CPU_EPOCHS, GPU_EPOCHS, QUICK, Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
 from quality import pick  # noqa: E402
 
 from l2ul_cli.datasets import FASHION_MNIST_CLASSES  # noqa: E402
@@ -98,8 +98,7 @@ def main() -> None:
     ckpt, _ = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     ev = Evaluator(dev)
     draws = {(k, s): pick(len(ev.y), k, s) for k in args.ks for s in range(args.seeds)}
-    quick = {"unlearn_overrides": {"max_steps": 3, "synthetic_retain": 8, "synthetic_steps": 2},
-             "attack_overrides": {"n_adv": 2, "steps": 2}} if args.quick else {}
+    quick = QUICK if args.quick else {}
     with tempfile.TemporaryDirectory(prefix="l2ul-index-") as tmp:
         work = Path(tmp)
         # The real images hold every draw's forget images, as a training set does.

@@ -51,7 +51,21 @@ def _statistics_hook(distances: list[torch.Tensor]) -> Callable:
 def _optimise(model: nn.Module, z: torch.Tensor, y: torch.Tensor, distances: list[torch.Tensor], *, steps: int,
               lr: float, tv_weight: float, autocast_dtype: torch.dtype | None,
               progress: Callable[[int], None] | None) -> torch.Tensor:
-    """Adam on the pixel logits ``z`` of one batch; the images, sigmoid(z)."""
+    """Adam on the pixel logits ``z`` of one batch; the images, sigmoid(z). The parameters need
+    no gradient meanwhile (restored after)."""
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        return _descend_pixels(model, z, y, distances, steps=steps, lr=lr, tv_weight=tv_weight,
+                               autocast_dtype=autocast_dtype, progress=progress)
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+
+
+def _descend_pixels(model: nn.Module, z: torch.Tensor, y: torch.Tensor, distances: list[torch.Tensor], *, steps: int,
+                    lr: float, tv_weight: float, autocast_dtype: torch.dtype | None,
+                    progress: Callable[[int], None] | None) -> torch.Tensor:
     z = z.requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     device = z.device
@@ -102,9 +116,6 @@ def invert_batchnorm(
 
     handles = [m.register_forward_hook(_statistics_hook(distances)) for m in bns]
     model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     out: list[torch.Tensor] = []
 
     try:
@@ -129,8 +140,6 @@ def invert_batchnorm(
     finally:
         for h in handles:
             h.remove()
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
     return torch.cat(out)
 
 
@@ -173,19 +182,11 @@ def class_dead_leaves(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     out = []
-    try:
-        for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            x0 = dead_leaves(m, image_shape, gen).clamp(0.02, 0.98)
-            z = torch.logit(x0).to(device)
-            y = (torch.arange(start, start + m) % num_classes).to(device)
-            out.append(_optimise(model, z, y, [], steps=steps, lr=lr, tv_weight=tv_weight,
-                                 autocast_dtype=autocast_dtype, progress=progress))
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        z = torch.logit(dead_leaves(m, image_shape, gen).clamp(0.02, 0.98)).to(device)
+        y = (torch.arange(start, start + m) % num_classes).to(device)
+        out.append(_optimise(model, z, y, [], steps=steps, lr=lr, tv_weight=tv_weight,
+                             autocast_dtype=autocast_dtype, progress=progress))
     return torch.cat(out)
