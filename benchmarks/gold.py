@@ -13,8 +13,15 @@ test images) beside the retrained model's, and the average gap: mean |Δ| over D
 and the loss AUC (in points), as SalUn reports it. Cells are kept in benchmarks/.cache/gold.json
 as they finish, so a long run can be resumed and published in parts.
 
+The methods that need the training data get it as a user holding it would pass it: LTU the
+remaining training images (every training image but the draw's) as ``--retain``, of which its
+``retain_fraction`` is used, and the held-out set; PGU an index of the whole training set (its
+code's retained space, the forget images subtracted per request) and the held-out set for its
+stop rule.
+
     python benchmarks/gold.py                               # k = 16, 64, 128; 3 draws
     python benchmarks/gold.py --ks 16 --variants "l2ul:indistinguishable"
+    python benchmarks/gold.py --ks 16 64 --variants ltu:misclassify:retain_fraction=0.3 pgu:misclassify
 """
 
 from __future__ import annotations
@@ -29,12 +36,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CACHE, CPU_EPOCHS, GPU_EPOCHS, QUICK, Evaluator, device_name, fresh, publish, train_resnet18  # noqa: E402
+from common import (CACHE, CPU_EPOCHS, GPU_EPOCHS, QUICK, Evaluator, device_name, fresh, publish,  # noqa: E402
+                    split_settings, train_resnet18)
 from index import write_pngs, write_test_pngs  # noqa: E402
 from quality import pick  # noqa: E402
 
+from l2ul_cli.config import METHOD_FIELDS  # noqa: E402
+from l2ul_cli.datasets import FASHION_MNIST_CLASSES  # noqa: E402
 from l2ul_cli.errors import RunFailed  # noqa: E402
 from l2ul_cli.evaluate import accuracy, membership_inference, predict  # noqa: E402
+from l2ul_cli.make_index import make_index  # noqa: E402
 from l2ul_cli.workflow import run_request  # noqa: E402
 
 HOLDOUT = 1000  # test images 0..HOLDOUT-1 are the requests' held-out set; the rest measure
@@ -56,16 +67,40 @@ def gap(cell: dict, gold: dict) -> float:
     return statistics.mean(abs(cell[key] - gold[key]) * 100 for key in ("D_f", "D_r", "D_test", "loss_auc"))
 
 
-def request(ckpt, ev: Evaluator, dev, idx, work: Path, seed: int, method: str, objective: str, holdout: Path,
+def parse_variant(spec: str) -> tuple[str, str, dict, dict]:
+    """``method:objective[:key=value,...]`` → method, objective, UnlearnConfig and AttackConfig
+    overrides (e.g. ``ltu:misclassify:retain_fraction=0.05``)."""
+    method, objective, *rest = spec.split(":")
+    pairs = dict(kv.split("=", 1) for kv in filter(None, ",".join(rest).split(",")))
+    return method, objective, *split_settings(method, pairs)
+
+
+def overrides(method: str, objective: str, unl: dict, att: dict, quick: bool) -> dict:
+    """The request's unlearn and attack overrides: the variant's, over the smoke test's sizes
+    (of those, LTU and PGU take only their own fields)."""
+    q_unl, q_att = (QUICK["unlearn_overrides"], QUICK["attack_overrides"]) if quick else ({}, {})
+    if method in METHOD_FIELDS:
+        q_unl, q_att = {k: v for k, v in q_unl.items() if k in METHOD_FIELDS[method]}, {}
+    unl = {**q_unl, **unl, **({"objective": objective} if objective == "indistinguishable" else {})}
+    return {"unlearn_overrides": unl, "attack_overrides": {**q_att, **att}}
+
+
+def request(ckpt, ev: Evaluator, dev, idx, work: Path, seed: int, spec: str, data: dict,
             quick: bool = False) -> dict:
+    """One request through the request API; ``data``: the held-out folder, and the retain
+    manifest or index the method needs."""
+    method, objective, unl, att = parse_variant(spec)
     folder = work / f"forget-{len(idx)}-{seed}"
     if not folder.exists():
         write_pngs(ev, idx, folder)
     out = work / "out.safetensors"
-    kw = {"attack_overrides": QUICK["attack_overrides"] if quick else {},
-          "unlearn_overrides": QUICK["unlearn_overrides"] if quick else {}}
-    if objective == "indistinguishable":
-        kw = {**kw, "holdout": holdout, "unlearn_overrides": {**kw["unlearn_overrides"], "objective": objective}}
+    kw = overrides(method, objective, unl, att, quick)
+    if objective == "indistinguishable" or method in ("ltu", "pgu"):
+        kw["holdout"] = data["holdout"]
+    if method == "ltu":
+        kw["retain"] = [data["retain"]]
+    if method == "pgu":
+        kw["index"] = data["index"]
     try:
         rep = run_request("forget", ckpt, images=folder, out=out, method=method, device=str(dev), seed=seed,
                           force=True, allow_partial=True, **kw)
@@ -75,6 +110,20 @@ def request(ckpt, ev: Evaluator, dev, idx, work: Path, seed: int, method: str, o
     extra = rep.get("indistinguishable", {})
     return {**m, "steps": rep["steps"], "goal_met": rep["goal_met"], "healthy": rep["healthy"],
             "seconds": rep["seconds"]["total"], "met": extra.get("met")}
+
+
+def training_pngs(ev: Evaluator, n_train: int, work: Path) -> Path:
+    """The training images as PNG class folders, once per run (LTU's retain pool, PGU's index)."""
+    return write_pngs(ev, torch.arange(n_train), work / "train")
+
+
+def retain_manifest(ev: Evaluator, train: Path, n_train: int, idx: torch.Tensor, path: Path) -> Path:
+    """A CSV of every training image but the draw's: the remaining data, labelled."""
+    drop = set(idx.tolist())
+    names = [FASHION_MNIST_CLASSES[int(c)] for c in ev.y[:n_train]]
+    rows = ["path,label"] + [f"{train / names[i] / f'train-{i}.png'},{names[i]}" for i in range(n_train) if i not in drop]
+    path.write_text("\n".join(rows) + "\n")
+    return path
 
 
 def load_cells() -> dict:
@@ -113,13 +162,27 @@ def table(cells: dict, variants: list[str], ks: list[int], seeds: list[int]) -> 
     return lines
 
 
+def shared_data(ckpt: Path, ev: Evaluator, dev, args, work: Path) -> dict:
+    """What the requests share: the held-out folder; the training PNGs when LTU or PGU runs; the
+    index of them when PGU runs (its build seconds printed: a one-off, not in any cell)."""
+    methods = {parse_variant(v)[0] for v in args.variants}
+    data = {"holdout": write_test_pngs(ev, HOLDOUT, work / "holdout")}
+    if methods & {"ltu", "pgu"}:
+        data["train"] = training_pngs(ev, args.train_subset or len(ev.y), work)
+    if "pgu" in methods:
+        built = make_index(ckpt, work / "train.index.safetensors", retain=[data["train"]], device=str(dev))
+        print("index:", built["source"], built["seconds"], built["directions"], "directions", flush=True)
+        data["index"] = built["output"]
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ks", type=int, nargs="*", default=[16, 64, 128])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=["l2ul:misclassify", "l2ul:indistinguishable"],
-                    help="method:objective, each a request through the CLI's API")
+                    help="method:objective[:key=value,...], each a request through the CLI's API")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--train-subset", type=int, default=0)
@@ -132,24 +195,26 @@ def main() -> None:
     ckpt, _ = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     ev = Evaluator(dev)
     seeds = list(range(args.seeds))
+    n_train = args.train_subset or len(ev.y)
     tag = f"{args.arch}-e{epochs}-n{args.train_subset}{'-quick' if args.quick else ''}"
     cells = {key.split("@")[0]: v for key, v in load_cells().items() if key.endswith("@" + tag)}
     with tempfile.TemporaryDirectory(prefix="l2ul-gold-") as tmp:
         work = Path(tmp)
-        holdout = write_test_pngs(ev, HOLDOUT, work / "holdout")
+        data = {} if args.publish_only else shared_data(ckpt, ev, dev, args, work)
         for k in args.ks:
             for s in seeds:
                 idx = pick(len(ev.y), k, s)
-                todo = {"original": None, "retrained": None, **{v: v.split(":") for v in args.variants}}
-                for name, spec in todo.items():
+                if "train" in data:
+                    data["retain"] = retain_manifest(ev, data["train"], n_train, idx, work / "retain.csv")
+                for name in ["original", "retrained", *args.variants]:
                     if f"{name}|{k}|{s}" in cells or args.publish_only:
                         continue
-                    if spec is None:
+                    if name in ("original", "retrained"):
                         path = ckpt if name == "original" else train_resnet18(
                             dev, epochs, arch=args.arch, subset=args.train_subset, without=idx)[0]
                         cell = measure(fresh(path, dev).model, ev, idx, dev)
                     else:
-                        cell = request(ckpt, ev, dev, idx, work, s, spec[0], spec[1], holdout, args.quick)
+                        cell = request(ckpt, ev, dev, idx, work, s, name, data, args.quick)
                     cells[f"{name}|{k}|{s}"] = cell
                     save_cell(f"{name}|{k}|{s}@{tag}", cell)
                     print(name, k, s, cell, flush=True)
