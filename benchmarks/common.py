@@ -149,6 +149,11 @@ def fresh(path: Path, dev: torch.device) -> LoadedModel:
     return load_model(path, device=dev)
 
 
+def settings(spec: str) -> dict[str, str]:
+    """``key=value,key=value`` (the benchmarks' variant strings) as a dict; empty parts skipped."""
+    return dict(kv.split("=", 1) for kv in filter(None, spec.split(",")))
+
+
 def split_settings(method: str, pairs: dict[str, str]) -> tuple[dict, dict]:
     """``key=value`` strings → (UnlearnConfig overrides, AttackConfig overrides), each value
     cast to its field's type; shared by quality.py's method strings and variants.py."""

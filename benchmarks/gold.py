@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (CACHE, CPU_EPOCHS, GPU_EPOCHS, QUICK, Evaluator, device_name, fresh, publish,  # noqa: E402
-                    split_settings, train_resnet18)
-from index import write_pngs, write_test_pngs  # noqa: E402
+                    settings, split_settings, train_resnet18)
+from index import save_pngs, write_pngs, write_test_pngs  # noqa: E402
 from quality import pick  # noqa: E402
 
 from l2ul_cli.config import METHOD_FIELDS  # noqa: E402
@@ -71,8 +71,7 @@ def parse_variant(spec: str) -> tuple[str, str, dict, dict]:
     """``method:objective[:key=value,...]`` → method, objective, UnlearnConfig and AttackConfig
     overrides (e.g. ``ltu:misclassify:retain_fraction=0.05``)."""
     method, objective, *rest = spec.split(":")
-    pairs = dict(kv.split("=", 1) for kv in filter(None, ",".join(rest).split(",")))
-    return method, objective, *split_settings(method, pairs)
+    return method, objective, *split_settings(method, settings(",".join(rest)))
 
 
 def overrides(method: str, objective: str, unl: dict, att: dict, quick: bool) -> dict:
@@ -112,16 +111,15 @@ def request(ckpt, ev: Evaluator, dev, idx, work: Path, seed: int, spec: str, dat
             "seconds": rep["seconds"]["total"], "met": extra.get("met")}
 
 
-def training_pngs(ev: Evaluator, n_train: int, work: Path) -> Path:
+def training_pngs(ev: Evaluator, n_train: int, work: Path) -> dict[int, Path]:
     """The training images as PNG class folders, once per run (LTU's retain pool, PGU's index)."""
-    return write_pngs(ev, torch.arange(n_train), work / "train")
+    return save_pngs(ev.x, ev.y, torch.arange(n_train), work / "train", "train")
 
 
-def retain_manifest(ev: Evaluator, train: Path, n_train: int, idx: torch.Tensor, path: Path) -> Path:
+def retain_manifest(ev: Evaluator, train: dict[int, Path], idx: torch.Tensor, path: Path) -> Path:
     """A CSV of every training image but the draw's: the remaining data, labelled."""
     drop = set(idx.tolist())
-    names = [FASHION_MNIST_CLASSES[int(c)] for c in ev.y[:n_train]]
-    rows = ["path,label"] + [f"{train / names[i] / f'train-{i}.png'},{names[i]}" for i in range(n_train) if i not in drop]
+    rows = ["path,label"] + [f"{p},{FASHION_MNIST_CLASSES[int(ev.y[i])]}" for i, p in train.items() if i not in drop]
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -173,7 +171,7 @@ def shared_data(ckpt: Path, ev: Evaluator, dev, args, work: Path) -> dict:
     if "pgu" in methods:
         data["index"] = CACHE / f"{ckpt.stem}.train-index.safetensors"  # 10 min for 60,000 on 2 cores
         if not data["index"].exists():
-            built = make_index(ckpt, data["index"], retain=[data["train"]], device=str(dev))
+            built = make_index(ckpt, data["index"], retain=[work / "train"], device=str(dev))
             print("index:", built["source"], built["seconds"], built["directions"], "directions", flush=True)
     return data
 
@@ -197,7 +195,6 @@ def main() -> None:
     ckpt, _ = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset)
     ev = Evaluator(dev)
     seeds = list(range(args.seeds))
-    n_train = args.train_subset or len(ev.y)
     tag = f"{args.arch}-e{epochs}-n{args.train_subset}{'-quick' if args.quick else ''}"
     cells = {key.split("@")[0]: v for key, v in load_cells().items() if key.endswith("@" + tag)}
     with tempfile.TemporaryDirectory(prefix="l2ul-gold-") as tmp:
@@ -207,7 +204,7 @@ def main() -> None:
             for s in seeds:
                 idx = pick(len(ev.y), k, s)
                 if "train" in data:
-                    data["retain"] = retain_manifest(ev, data["train"], n_train, idx, work / "retain.csv")
+                    data["retain"] = retain_manifest(ev, data["train"], idx, work / "retain.csv")
                 for name in ["original", "retrained", *args.variants]:
                     if f"{name}|{k}|{s}" in cells or args.publish_only:
                         continue

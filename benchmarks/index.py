@@ -37,19 +37,24 @@ from l2ul_cli.workflow import run_request  # noqa: E402
 
 
 
-def write_pngs(ev: Evaluator, idx: torch.Tensor, folder: Path) -> Path:
+def save_pngs(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, folder: Path, prefix: str) -> dict[int, Path]:
+    """Images ``idx`` of ``x`` as ``<folder>/<class>/<prefix>-<i>.png``; the path of each."""
+    paths = {}
     for i in idx.tolist():
-        d = folder / FASHION_MNIST_CLASSES[int(ev.y[i])]
+        d = folder / FASHION_MNIST_CLASSES[int(y[i])]
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((ev.x[i, 0] * 255).round().byte().numpy(), mode="L").save(d / f"train-{i}.png")
+        paths[i] = d / f"{prefix}-{i}.png"
+        Image.fromarray((x[i, 0] * 255).round().byte().numpy(), mode="L").save(paths[i])
+    return paths
+
+
+def write_pngs(ev: Evaluator, idx: torch.Tensor, folder: Path) -> Path:
+    save_pngs(ev.x, ev.y, idx, folder, "train")
     return folder
 
 
 def write_test_pngs(ev: Evaluator, n: int, folder: Path) -> Path:
-    for i in range(n):
-        d = folder / FASHION_MNIST_CLASSES[int(ev.yt[i])]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((ev.xt[i, 0] * 255).round().byte().numpy(), mode="L").save(d / f"test-{i}.png")
+    save_pngs(ev.xt, ev.yt, torch.arange(n), folder, "test")
     return folder
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, split_settings, train_resnet18  # noqa: E402
+from common import CPU_EPOCHS, GPU_EPOCHS, Evaluator, device_name, fresh, settings, split_settings, train_resnet18  # noqa: E402
 
 from l2ul_cli.checkpoint import read_checkpoint  # noqa: E402
 from l2ul_cli.config import attack_config, resolve  # noqa: E402
@@ -52,7 +52,7 @@ def parse_variant(name: str, overrides: dict, attack_over: dict) -> tuple[str, d
     if "[" not in name:
         return name, overrides, attack_over
     base, spec = name.rstrip("]").split("[", 1)
-    unl, att = split_settings(base, dict(kv.split("=", 1) for kv in filter(None, spec.split(","))))
+    unl, att = split_settings(base, settings(spec))
     return base, {**overrides, **unl}, {**attack_over, **att}
 
 
@@ -235,7 +235,7 @@ def main() -> None:
     seeds = args.seeds or (1 if quick else 3)
     seed_list = range(args.first_seed, args.first_seed + seeds)
     attack = {"n_adv": args.n_adv or (5 if quick else 20), "steps": args.attack_steps or (20 if quick else 100), "eps": args.eps}
-    overrides, attack_set = split_settings("l2ul", dict(kv.split("=", 1) for kv in args.set))
+    overrides, attack_set = split_settings("l2ul", settings(",".join(args.set)))
     attack.update(attack_set)
 
     ckpt, info = train_resnet18(dev, epochs, arch=args.arch, subset=args.train_subset, model_args=args.model_args)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CPU_EPOCHS, GPU_EPOCHS, device_name, fmnist, fresh, split_settings, train_resnet18  # noqa: E402
+from common import CPU_EPOCHS, GPU_EPOCHS, device_name, fmnist, fresh, settings, split_settings, train_resnet18  # noqa: E402
 
 from l2ul_cli.attack import draw_targets, pgd_l2_targeted  # noqa: E402
 from l2ul_cli.config import AttackConfig, preset  # noqa: E402
@@ -207,7 +207,7 @@ def main() -> None:
     x_all, y_all = fmnist("train")
     x_test, y_test = fmnist("test")
     before = test_accuracy(fresh(ckpt, dev).model, x_test, y_test, dev)
-    unl, att = split_settings(args.method, dict(kv.split("=", 1) for kv in args.set))
+    unl, att = split_settings(args.method, settings(",".join(args.set)))
     attack = replace(AttackConfig(n_adv=args.n_adv, steps=args.attack_steps), **att)
     config = preset(args.method, max_steps=args.max_steps, **unl)
     rows = []

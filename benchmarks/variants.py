@@ -37,13 +37,13 @@ from l2ul_cli.anchors import shifted_copies
 from l2ul_cli.unlearn import unlearn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import split_settings  # noqa: E402
+from common import settings, split_settings  # noqa: E402
 
 
 def parse(variant: str) -> tuple[str, dict, dict, bool, str]:
     """(method, UnlearnConfig overrides, AttackConfig overrides, use real retain images, precision
     of the attack and stand-ins) of one variant."""
-    kv = dict(x.split("=", 1) for x in variant.split(",")) if variant != "default" else {}
+    kv = settings(variant) if variant != "default" else {}
     method = kv.pop("method", "l2ul")
     real = kv.pop("real_retain", "0") in ("1", "true")
     precision = kv.pop("precision", "auto")
