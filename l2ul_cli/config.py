@@ -24,7 +24,7 @@ Weighting = Literal["sum", "share"]
 ImportanceEstimate = Literal["per-sample", "batch"]
 PGUStop = Literal["gap", "goal"]
 AttackStart = Literal["ball", "noise"]
-StandInSource = Literal["auto", "dead-leaves"]
+StandInSource = Literal["auto", "dead-leaves", "forget-statistics"]
 
 # Help panels of ``forget --help`` / ``relabel --help``, in order.
 PANELS = ("Inputs & outputs", "Method", "Attack", "Retention", "Continual", "Reports", "Advanced")
@@ -158,9 +158,11 @@ class UnlearnConfig:
     synthetic_retain_max: int = 0
     synthetic_steps: int = 200
     synthetic_lr: float = 0.1  # Adam's step on the stand-ins' pixel logits
-    # auto: from BatchNorm statistics where the model has them, else none (a note says so);
-    # dead-leaves: class-like dead-leaves images, an experiment for networks without BatchNorm
-    # not yet adopted (mixed on a tiny ViT: docs/lab-notes.md, 2026-12-03).
+    # auto: from BatchNorm statistics where the model has them, else forget-statistics (a note
+    # says so); forget-statistics: images matched to the norm layers' input statistics on the
+    # request's own images and their shifted copies (synthesis.input_statistics); dead-leaves:
+    # class-like dead-leaves images, an experiment (RESULTS.md "Stand-ins for networks without
+    # BatchNorm": forget-statistics kept 1 point more on a ViT).
     synthetic_source: StandInSource = "auto"
     # Share of the retained images' input energy per layer that updates must not touch
     # (RESULTS.md "Projected updates": 0.995 kept 0.4-1.2 more points than 0.97).

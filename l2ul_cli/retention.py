@@ -1,7 +1,8 @@
 """The retained space: what every update is kept orthogonal to, whatever its source — images the
-user still holds (``--retain``), stand-ins made from the model's BatchNorm statistics, or for a
-network without them from dead-leaves images (:mod:`.synthesis`), when there are none (both :func:`retained_space`), or a cached index of
-either (:func:`index_space`, :mod:`.index`)."""
+user still holds (``--retain``), or when there are none stand-ins made from the model's
+BatchNorm statistics or, for a network without them, from the request images' statistics
+(:mod:`.synthesis`; both :func:`retained_space`), or a cached index of either (:func:`index_space`,
+:mod:`.index`)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .anchors import NullProgress, Progress
+from .anchors import NullProgress, Progress, shifted_copies
 from .config import UnlearnConfig
 from .evaluate import predict
 from .index import RetainedIndex
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
-from .synthesis import class_dead_leaves, has_batchnorm, invert_batchnorm
+from .synthesis import class_dead_leaves, has_batchnorm, input_statistics, invert_batchnorm, invert_statistics
 
 DEAD_LEAVES_STEPS = 50
-NO_BATCHNORM = ("the model has no BatchNorm statistics to make stand-in images from: updates were not "
-                "projected (pass --retain images of the domain)")
+NEIGHBOURS = 4  # shifted copies of each request image whose statistics the stand-ins match
+# A weaker retained space than BatchNorm stand-ins or real images give (RESULTS.md "Stand-ins for
+# networks without BatchNorm": on a ViT it halved the damage of no projection, not more).
+NO_BATCHNORM = ("the model has no BatchNorm statistics: the stand-ins match the statistics of the request's own "
+                "images instead, which keeps less (pass --retain images of the domain to keep more)")
+NO_STAND_INS = ("the model has no BatchNorm statistics and there are no images to take statistics from: updates "
+                "were not projected (pass --retain images of the domain)")
 
 
 @dataclass
@@ -44,8 +50,11 @@ class RetainedSpace:
 
 def retained_space(model: nn.Module, *, config: UnlearnConfig, image_shape: tuple[int, ...], num_classes: int,
                    retain: torch.Tensor | None = None, stand_ins: int = 0, seed: int = 0,
-                   autocast_dtype: torch.dtype | None = None, progress: Progress | None = None) -> RetainedSpace:
-    """From ``retain`` images when given, else from ``stand_ins`` stand-in images (0: none)."""
+                   autocast_dtype: torch.dtype | None = None, progress: Progress | None = None,
+                   request: torch.Tensor | None = None) -> RetainedSpace:
+    """From ``retain`` images when given, else from ``stand_ins`` stand-in images (0: none);
+    ``request``: the request's own images, whose statistics stand-ins for a network without
+    BatchNorm may match."""
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     if retain is not None:
@@ -54,13 +63,15 @@ def retained_space(model: nn.Module, *, config: UnlearnConfig, image_shape: tupl
         return RetainedSpace(projector, retain, "retain", "retain", time.perf_counter() - t0)
     if stand_ins <= 0:
         return RetainedSpace(None, None, "none")
-    if not has_batchnorm(model) and config.synthetic_source == "auto":
-        return RetainedSpace(None, None, "none", note=NO_BATCHNORM)
+    auto_without = not has_batchnorm(model) and config.synthetic_source == "auto"
+    if auto_without and request is None:
+        return RetainedSpace(None, None, "none", note=NO_STAND_INS)
     images, source = stand_in_images(model, stand_ins, image_shape, num_classes, config, seed=seed,
-                                     autocast_dtype=autocast_dtype, progress=progress)
+                                     autocast_dtype=autocast_dtype, progress=progress, request=request)
     projector = GradientProjector(model, images, energy=config.retain_energy)
     projector.source = source
-    return RetainedSpace(projector, images, "stand_ins", "synthesis", time.perf_counter() - t0)
+    return RetainedSpace(projector, images, "stand_ins", "synthesis", time.perf_counter() - t0,
+                         note=NO_BATCHNORM if auto_without else None)
 
 
 def index_space(model: nn.Module, index: RetainedIndex, energy: float) -> RetainedSpace:
@@ -78,21 +89,30 @@ def index_space(model: nn.Module, index: RetainedIndex, energy: float) -> Retain
 
 def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_classes: int, config: UnlearnConfig,
                     *, seed: int = 0, autocast_dtype: torch.dtype | None = None,
-                    progress: Progress | None = None) -> tuple[torch.Tensor, str]:
-    """``n`` stand-ins and how they were made: from BatchNorm statistics, or for a network
-    without them class-like dead-leaves images (RESULTS.md "Stand-ins for networks without
-    BatchNorm"), whose few steps need no more than DEAD_LEAVES_STEPS."""
+                    progress: Progress | None = None, request: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """``n`` stand-ins and how they were made. ``auto``: from BatchNorm statistics; for a network
+    without them, images matched to the norm layers' input statistics on the ``request`` images
+    and their shifted copies, or without ``request`` class-like dead-leaves images (few steps: no
+    more than DEAD_LEAVES_STEPS)."""
     progress = progress or NullProgress()
-    batchnorm = has_batchnorm(model) and config.synthetic_source == "auto"
-    steps = config.synthetic_steps if batchnorm else min(config.synthetic_steps, DEAD_LEAVES_STEPS)
+    source = config.synthetic_source
+    if source == "auto" and not has_batchnorm(model):
+        source = "forget-statistics"
+    if source == "forget-statistics" and request is None:
+        source = "auto" if has_batchnorm(model) else "dead-leaves"
+    steps = min(config.synthetic_steps, DEAD_LEAVES_STEPS) if source == "dead-leaves" else config.synthetic_steps
     progress.start("synthesis", steps * -(-n // SYNTH_BATCH), unit="steps")
-    if batchnorm:
-        images = invert_batchnorm(model, n, image_shape, num_classes, steps=steps, lr=config.synthetic_lr, seed=seed,
-                                  autocast_dtype=autocast_dtype, progress=progress.advance)
+    kw = dict(steps=steps, seed=seed, autocast_dtype=autocast_dtype, progress=progress.advance)
+    if source == "auto":
+        images = invert_batchnorm(model, n, image_shape, num_classes, lr=config.synthetic_lr, **kw)
+        made = "BatchNorm statistics"
+    elif source == "dead-leaves":
+        images = class_dead_leaves(model, n, image_shape, num_classes, **kw)
+        made = "dead-leaves images made class-like"
     else:
-        images = class_dead_leaves(model, n, image_shape, num_classes, steps=steps, seed=seed,
-                                   autocast_dtype=autocast_dtype, progress=progress.advance)
+        near = torch.cat([request, shifted_copies(request, NEIGHBOURS, 2, torch.Generator().manual_seed(seed))])
+        images = invert_statistics(model, input_statistics(model, near), n, image_shape, num_classes,
+                                   lr=config.synthetic_lr, **kw)
+        made = f"the norm layers' input statistics on the {request.shape[0]} request images and {NEIGHBOURS} shifted copies of each"
     progress.finish()
-    made = "BatchNorm statistics" if batchnorm else "dead-leaves images made class-like" + (
-        "" if has_batchnorm(model) else " (the model has no BatchNorm)")
-    return images, f"{n} stand-in images from {made}"
+    return images, f"{n} stand-in images from {made}" + ("" if has_batchnorm(model) else " (the model has no BatchNorm)")

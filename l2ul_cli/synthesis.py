@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 
 
@@ -34,18 +35,62 @@ def has_batchnorm(model: nn.Module) -> bool:
     return bool(_batchnorms(model))
 
 
-def _statistics_hook(distances: list[torch.Tensor]) -> Callable:
-    """A forward hook that appends the distance of its BatchNorm input's statistics to the running ones."""
+def _channel_statistics(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance over every other dimension."""
+    x = x.float().movedim(channel_dim, 1)
+    dims = [0] + list(range(2, x.dim()))
+    # Two plain reductions: Tensor.var (Welford) took a quarter of each step on a CPU.
+    mean = x.mean(dims, keepdim=True)
+    return mean.flatten(), (x - mean).square().sum(dims) / (x.numel() // x.shape[1])
+
+
+def _channel_dim(module: nn.Module, x: torch.Tensor) -> int:
+    """Where a norm layer's input keeps its channels: 1 for BatchNorm and timm's NCHW
+    LayerNorm2d (ConvNeXt), the last dimension for token LayerNorms (ViT)."""
+    return 1 if isinstance(module, (nn.modules.batchnorm._BatchNorm, LayerNorm2d)) else x.dim() - 1
+
+
+def _statistics_hook(distances: list[torch.Tensor], mean: torch.Tensor, var: torch.Tensor) -> Callable:
+    """A forward hook that appends the distance of its input's per-channel statistics to ``mean``, ``var``."""
 
     def hook(module, inputs, _output):
-        x = inputs[0].float()
-        dims = [0] + list(range(2, x.dim()))
-        # Two plain reductions: Tensor.var (Welford) took a quarter of each step on a CPU.
-        mean = x.mean(dims, keepdim=True)
-        var = (x - mean).square().sum(dims) / (x.numel() // x.shape[1])
-        distances.append((mean.flatten() - module.running_mean).norm() + (var - module.running_var).norm())
+        got_mean, got_var = _channel_statistics(inputs[0], _channel_dim(module, inputs[0]))
+        distances.append((got_mean - mean).norm() + (got_var - var).norm())
 
     return hook
+
+
+def _norms(model: nn.Module) -> list[nn.Module]:
+    """The layers whose input statistics :func:`input_statistics` measures."""
+    return _batchnorms(model) + [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+
+
+def input_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and variance of every BatchNorm's and LayerNorm's input over ``images``:
+    for a network without BatchNorm, the statistics :func:`invert_statistics` matches instead
+    of running ones."""
+    sums: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def hook(module, inputs, _output):
+        x = inputs[0].double().movedim(_channel_dim(module, inputs[0]), -1)
+        x = x.reshape(-1, x.shape[-1])
+        got = sums.setdefault(module, [0.0, 0.0, 0])
+        got[0], got[1], got[2] = got[0] + x.sum(0), got[1] + x.square().sum(0), got[2] + x.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in _norms(model)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, images.shape[0], batch_size):
+                model(images[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for m, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        out[m] = (mean.float(), (s2 / n - mean.square()).clamp_min(0).float())
+    return out
 
 
 def _optimise(model: nn.Module, z: torch.Tensor, y: torch.Tensor, distances: list[torch.Tensor], *, steps: int,
@@ -86,8 +131,19 @@ def _descend_pixels(model: nn.Module, z: torch.Tensor, y: torch.Tensor, distance
     return torch.sigmoid(z).detach()
 
 
-def invert_batchnorm(
+def invert_batchnorm(model: nn.Module, n: int, image_shape: tuple[int, int, int], num_classes: int,
+                     **kw) -> torch.Tensor:
+    """``n`` images in [0, 1] (classes in turn) whose BatchNorm statistics match the model's
+    running ones (:func:`invert_statistics`)."""
+    bns = _batchnorms(model)
+    if not bns:
+        raise ValueError("the model has no BatchNorm statistics to invert")
+    return invert_statistics(model, {m: (m.running_mean, m.running_var) for m in bns}, n, image_shape, num_classes, **kw)
+
+
+def invert_statistics(
     model: nn.Module,
+    targets: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
     n: int,
     image_shape: tuple[int, int, int],
     num_classes: int,
@@ -100,21 +156,20 @@ def invert_batchnorm(
     autocast_dtype: torch.dtype | None = None,  # e.g. bfloat16 (precision.autocast_dtype)
     progress: Callable[[int], None] | None = None,  # called once per optimisation step
 ) -> torch.Tensor:
-    """``n`` images in [0, 1] (classes in turn) whose BatchNorm statistics match the model's.
+    """``n`` images in [0, 1] (classes in turn) whose inputs to each of ``targets``' layers have
+    that layer's per-channel mean and variance.
 
-    Loss per batch: cross-entropy to the chosen classes + Σ over BatchNorm layers of the L2
-    distance between the batch's per-channel mean/variance and the running ones + a small
-    total-variation term. Parameters are not changed; the model is left in eval mode. Under
-    ``autocast_dtype`` the model runs in that precision; the images and the statistics stay fp32.
+    Loss per batch: cross-entropy to the chosen classes + Σ over the layers of the L2 distance
+    between the batch's per-channel mean/variance and the target ones + a small total-variation
+    term. Parameters are not changed; the model is left in eval mode. Under ``autocast_dtype``
+    the model runs in that precision; the images and the statistics stay fp32.
     """
     device = next(model.parameters()).device
-    bns = _batchnorms(model)
-    if not bns:
-        raise ValueError("the model has no BatchNorm statistics to invert")
     gen = torch.Generator().manual_seed(seed)
     distances: list[torch.Tensor] = []
 
-    handles = [m.register_forward_hook(_statistics_hook(distances)) for m in bns]
+    handles = [m.register_forward_hook(_statistics_hook(distances, mean.float(), var.float()))
+               for m, (mean, var) in targets.items()]
     model.eval()
     out: list[torch.Tensor] = []
 

@@ -140,7 +140,7 @@ def unlearn(
     if space is None:
         space = RetainedSpace(projector, None, "given") if projector is not None else retained_space(
             model, config=config, image_shape=shape, num_classes=num_classes, retain=retain, stand_ins=stand_ins,
-            seed=seed, autocast_dtype=autocast_dtype, progress=progress)
+            seed=seed, autocast_dtype=autocast_dtype, progress=progress, request=every.images)
     if space.phase:
         seconds[space.phase] = space.seconds
     if space.note:
