@@ -111,3 +111,27 @@ def test_gold_benchmark_smoke(tmp_path):
     assert rows[("retrained", "2")][9].strip() == "0.00 ± 0.00"  # its own gap
     assert all(float(rows[(n, "2")][9].split("±")[0]) >= 0 for n in names)
     assert len(list(tmp_path.glob("fmnist-test_resnet-wo*.safetensors"))) == 2  # one retrained model per draw
+
+
+def test_weight_space_leak_is_none_for_weights_on_the_inputs_and_large_for_random_ones():
+    """benchmarks/weight_space.py: weights whose rows span the inputs' subspace leave none of the
+    inputs' energy outside their top directions; random weights leave about 1 - rank / dims."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from weight_space import leaks
+
+    from l2ul_cli.index import build_index
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 4, generator=g))[0]  # inputs in a 4-dimensional subspace
+    x = torch.randn(256, 4, generator=g) @ basis.T
+    aligned, scrambled = torch.nn.Linear(32, 8), torch.nn.Linear(32, 8)
+    with torch.no_grad():
+        aligned.weight.copy_(torch.randn(8, 4, generator=g) @ basis.T)
+        scrambled.weight.copy_(torch.randn(8, 32, generator=g))
+    for net, lo, hi in ((aligned, -1e-5, 1e-5), (scrambled, 0.5, 1.0)):  # the index stores fp16 vectors
+        index = build_index(net, [x], energy=0.9999)
+        (_, dims, rank, leak, random_leak), = leaks(net, index, 0.9999)
+        assert (dims, rank) == (32, 4) and random_leak == 1 - 4 / 32
+        assert lo <= leak <= hi  # random: about 0.875
