@@ -147,9 +147,10 @@ class UnlearnConfig:
     adapt_lambda: bool = True  # halve λ when progress stalls, so the goal is reached (relabel)
     stall_steps: int = 50
     # Projected updates (projection.py): from --retain images, else from synthetic_retain images
-    # made from the model's BatchNorm statistics (synthesis.py; 0: no projection).
+    # made from the model's BatchNorm statistics, or without them the request images' (synthesis.py;
+    # 0: no projection).
     synthetic_retain: int = _opt(0, "Without --retain: stand-in images made from the model's BatchNorm "
-                                 "statistics to keep updates orthogonal to; "
+                                 "statistics (without them, the request images') to keep updates orthogonal to; "
                                  "0: no projection.", panel="Retention")
     # More stand-ins for more forget images (stand_ins()): this many per image, up to
     # synthetic_retain_max. The deepest layers of a small image see one input column per image,

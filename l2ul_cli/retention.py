@@ -24,8 +24,8 @@ DEAD_LEAVES_STEPS = 50
 NEIGHBOURS = 4  # shifted copies of each request image whose statistics the stand-ins match
 # A weaker retained space than BatchNorm stand-ins or real images give (RESULTS.md "Stand-ins for
 # networks without BatchNorm": on a ViT it halved the damage of no projection, not more).
-NO_BATCHNORM = ("the model has no BatchNorm statistics: the stand-ins match the statistics of the request's own "
-                "images instead, which keeps less (pass --retain images of the domain to keep more)")
+NO_BATCHNORM = ("the model has no BatchNorm statistics: the stand-ins were made without them (mostly from the "
+                "request images' own statistics), which keeps less (pass --retain images of the domain to keep more)")
 NO_STAND_INS = ("the model has no BatchNorm statistics and there are no images to take statistics from: updates "
                 "were not projected (pass --retain images of the domain)")
 
@@ -111,8 +111,12 @@ def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_
         made = "dead-leaves images made class-like"
     else:
         near = torch.cat([request, shifted_copies(request, NEIGHBOURS, 2, torch.Generator().manual_seed(seed))])
-        images = invert_statistics(model, input_statistics(model, near), n, image_shape, num_classes,
-                                   lr=config.synthetic_lr, **kw)
-        made = f"the norm layers' input statistics on the {request.shape[0]} request images and {NEIGHBOURS} shifted copies of each"
+        targets = input_statistics(model, near)
+        if targets:
+            images = invert_statistics(model, targets, n, image_shape, num_classes, lr=config.synthetic_lr, **kw)
+            made = f"the norm layers' input statistics on the {request.shape[0]} request images and {NEIGHBOURS} shifted copies of each"
+        else:  # no norm layer at all: nothing to match
+            images = class_dead_leaves(model, n, image_shape, num_classes, **{**kw, "steps": min(steps, DEAD_LEAVES_STEPS)})
+            made = "dead-leaves images made class-like (the model has no norm layers to take statistics at)"
     progress.finish()
     return images, f"{n} stand-in images from {made}" + ("" if has_batchnorm(model) else " (the model has no BatchNorm)")

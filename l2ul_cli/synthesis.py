@@ -1,4 +1,4 @@
-"""Stand-in images for the training data, made from the model alone (no data needed).
+"""Stand-in images for the training data, made from the model (and at most the request's own images).
 
 BatchNorm layers remember the mean and variance of their inputs over the training set. Images
 optimised so that every BatchNorm layer sees those statistics while the classifier is confident
@@ -6,11 +6,11 @@ of a chosen class (the recipe of DeepInversion, Yin et al., CVPR 2020) make laye
 training data: good enough to tell :mod:`.projection` which input directions training-like
 images use. They are not meant to look like the data.
 
-Networks without BatchNorm (ViT, ConvNeXt: LayerNorm keeps no statistics) get
-:func:`class_dead_leaves` instead: dead-leaves images (occluding discs with power-law radii, the
-procedural images whose statistics come closest to natural ones, Baradad et al., NeurIPS 2021),
-then a few steps towards a chosen class, so that deep layers respond to them as to images of
-the classes rather than to noise.
+Networks without BatchNorm (ViT, ConvNeXt: LayerNorm keeps no statistics) get the same
+inversion towards statistics measured on the request's images instead (:func:`input_statistics`,
+:func:`invert_statistics`), or, as an experiment, :func:`class_dead_leaves`: dead-leaves images
+(occluding discs with power-law radii, Baradad et al., NeurIPS 2021) moved a few steps towards a
+class.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
 from torch import nn
 
 
-BATCH = 256  # images optimised together (BatchNorm statistics are matched per batch)
+BATCH = 256  # images optimised together (the norm layers' statistics are matched per batch)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.Module]:
@@ -45,9 +44,12 @@ def _channel_statistics(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor
 
 
 def _channel_dim(module: nn.Module, x: torch.Tensor) -> int:
-    """Where a norm layer's input keeps its channels: 1 for BatchNorm and timm's NCHW
-    LayerNorm2d (ConvNeXt), the last dimension for token LayerNorms (ViT)."""
-    return 1 if isinstance(module, (nn.modules.batchnorm._BatchNorm, LayerNorm2d)) else x.dim() - 1
+    """Where a norm layer's input keeps its channels: dimension 1 for BatchNorm, GroupNorm and
+    the NCHW LayerNorms (timm's and torchvision's ``LayerNorm2d`` family, ConvNeXt), the last
+    dimension for token and channels-last LayerNorms (ViT, ConvNeXt blocks)."""
+    if not isinstance(module, nn.LayerNorm) or "2d" in type(module).__name__.lower():
+        return 1
+    return x.dim() - 1 if x.shape[-1] == module.normalized_shape[-1] else 1
 
 
 def _statistics_hook(distances: list[torch.Tensor], mean: torch.Tensor, var: torch.Tensor) -> Callable:
@@ -62,11 +64,11 @@ def _statistics_hook(distances: list[torch.Tensor], mean: torch.Tensor, var: tor
 
 def _norms(model: nn.Module) -> list[nn.Module]:
     """The layers whose input statistics :func:`input_statistics` measures."""
-    return _batchnorms(model) + [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    return _batchnorms(model) + [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))]
 
 
 def input_statistics(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and variance of every BatchNorm's and LayerNorm's input over ``images``:
+    """Per-channel mean and variance of every BatchNorm's, LayerNorm's and GroupNorm's input over ``images``:
     for a network without BatchNorm, the statistics :func:`invert_statistics` matches instead
     of running ones."""
     sums: dict[nn.Module, list[torch.Tensor]] = {}
@@ -168,7 +170,7 @@ def invert_statistics(
     gen = torch.Generator().manual_seed(seed)
     distances: list[torch.Tensor] = []
 
-    handles = [m.register_forward_hook(_statistics_hook(distances, mean.float(), var.float()))
+    handles = [m.register_forward_hook(_statistics_hook(distances, mean.float().to(device), var.float().to(device)))
                for m, (mean, var) in targets.items()]
     model.eval()
     out: list[torch.Tensor] = []

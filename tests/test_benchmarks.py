@@ -132,6 +132,6 @@ def test_weight_space_leak_is_none_for_weights_on_the_inputs_and_large_for_rando
         scrambled.weight.copy_(torch.randn(8, 32, generator=g))
     for net, lo, hi in ((aligned, -1e-5, 1e-5), (scrambled, 0.5, 1.0)):  # the index stores fp16 vectors
         index = build_index(net, [x], energy=0.9999)
-        (_, dims, rank, leak, random_leak), = leaks(net, index, 0.9999)
-        assert (dims, rank) == (32, 4) and random_leak == 1 - 4 / 32
+        (_, dims, rank, own, leak, random_leak), = leaks(net, index, 0.9999)
+        assert (dims, rank) == (32, 4) and random_leak == 1 - 4 / 32 and abs(own) < 1e-5
         assert lo <= leak <= hi  # random: about 0.875

@@ -116,27 +116,48 @@ def _tiny_timm(name: str, **kw) -> nn.Module:
     return timm.create_model(name, num_classes=3, in_chans=1, **kw).eval()
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("vit_tiny_patch16_224", {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}),
-    ("convnext_atto", {"dims": (8, 8, 8, 8), "depths": (1, 1, 1, 1), "patch_size": 1}),
-], ids=["vit-tokens", "convnext-nchw"])
-def test_input_statistics_are_each_layernorms_per_channel_input_moments(name, kw):
+@pytest.mark.parametrize("name,kw,size", [
+    ("vit_tiny_patch16_224", {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}, 8),
+    ("convnext_atto", {"dims": (8, 12, 16, 20), "depths": (1, 1, 1, 1), "patch_size": 1}, 12),  # all NCHW
+    # conv_mlp off: its blocks' LayerNorms read channels-last maps
+    ("convnext_atto", {"dims": (8, 12, 16, 20), "depths": (1, 1, 1, 1), "patch_size": 1, "conv_mlp": False}, 12),
+], ids=["vit-tokens", "convnext-nchw", "convnext-channels-last"])
+def test_input_statistics_are_each_norms_per_channel_input_moments(name, kw, size):
+    from timm.layers import LayerNorm2d
+
     from l2ul_cli.synthesis import input_statistics
 
     net = _tiny_timm(name, **kw)
-    norm = next(m for m in net.modules() if isinstance(m, nn.LayerNorm))
-    seen = []
-    h = norm.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
-    x = torch.rand(10, 1, 8, 8)
+    norms = [m for m in net.modules() if isinstance(m, nn.LayerNorm)]
+    seen = {m: [] for m in norms}
+    hs = [m.register_forward_hook(lambda m, i, o: seen[m].append(i[0].detach())) for m in norms]
+    x = torch.rand(10, 1, size, size)
     stats = input_statistics(net, x, batch_size=4)  # three batches summed
-    h.remove()
-    a = torch.cat(seen)
-    a = a.movedim(1, -1) if a.dim() == 4 else a  # LayerNorm2d (ConvNeXt) reads NCHW
-    a = a.reshape(-1, a.shape[-1])
-    mean, var = stats[norm]
-    assert mean.shape == (a.shape[1],)
-    torch.testing.assert_close(mean, a.mean(0), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(var, a.var(0, unbiased=False), atol=1e-5, rtol=1e-4)
+    for h in hs:
+        h.remove()
+    assert set(stats) == set(norms)
+    for m in norms:
+        a = torch.cat(seen[m])
+        # timm's LayerNorm2d (ConvNeXt's stem, downsampling, head) reads NCHW; the rest, channels last.
+        a = a.movedim(1, -1) if isinstance(m, LayerNorm2d) else a
+        a = a.reshape(-1, a.shape[-1])
+        mean, var = stats[m]
+        assert mean.shape == (m.normalized_shape[0],)
+        torch.testing.assert_close(mean, a.mean(0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(var, a.var(0, unbiased=False), atol=1e-5, rtol=1e-4)
+
+
+def test_channel_dimension_of_nchw_norms_when_the_width_equals_the_channels():
+    from torchvision.models.convnext import LayerNorm2d as TorchvisionLayerNorm2d
+
+    from l2ul_cli.synthesis import _channel_dim
+
+    square = torch.zeros(2, 8, 8, 8)  # C = H = W: only the layer's kind tells where its channels are
+    assert _channel_dim(TorchvisionLayerNorm2d(8), square) == 1
+    assert _channel_dim(nn.GroupNorm(2, 8), square) == 1
+    assert _channel_dim(nn.BatchNorm2d(8), square) == 1
+    assert _channel_dim(nn.LayerNorm(8), square) == 3
+    assert _channel_dim(nn.LayerNorm(8), torch.zeros(2, 5, 8)) == 2
 
 
 def test_inverting_measured_statistics_comes_closer_to_them_and_leaves_the_model_alone():
@@ -175,6 +196,21 @@ def test_a_network_without_batchnorm_gets_stand_ins_from_the_request_images_stat
     space = retained_space(net, config=cfg, image_shape=(1, 8, 8), num_classes=3, stand_ins=20, request=request)
     assert space.kind == "stand_ins" and space.images.shape == (20, 1, 8, 8)
     assert "statistics on the 4 request images" in space.projector.source and space.note == NO_BATCHNORM
-    assert space.agreement(net) == 1.0  # nothing changed yet
     none = retained_space(net, config=cfg, image_shape=(1, 8, 8), num_classes=3, stand_ins=20)
     assert none.projector is None and none.note == NO_STAND_INS
+
+
+def test_explicit_request_statistics_on_batchnorm_and_no_norm_layers_at_all():
+    from l2ul_cli.config import resolve
+    from l2ul_cli.retention import stand_in_images
+
+    request = torch.rand(4, 1, 10, 10)
+    cfg = resolve("l2ul", "forget", synthetic_steps=5, synthetic_source="forget-statistics")
+    _, made = stand_in_images(_trained_bn_net(), 12, (1, 10, 10), 3, cfg, request=request)
+    assert "statistics on the 4 request images" in made and "no BatchNorm" not in made
+    _, made = stand_in_images(_trained_bn_net(), 12, (1, 10, 10), 3, cfg)  # nothing to measure: running statistics
+    assert made.endswith("from BatchNorm statistics")
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    images, made = stand_in_images(plain, 12, (1, 10, 10), 3, cfg, request=request)
+    assert images.shape == (12, 1, 10, 10) and "no norm layers" in made
