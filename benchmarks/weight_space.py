@@ -2,11 +2,11 @@
 for networks without BatchNorm)
 
 For every layer of an index built from real images (``l2ul index --retain``), the share of the
-real inputs' energy that falls outside a subspace of the rank the index keeps at ``--energy``:
-the index's own directions (1 − energy by construction; more where the rank is capped), the top right-singular directions of
-the layer's weight matrix (no more than its rank), and a random subspace (1 − rank / dimensions in expectation). A
-projection onto the weights' complement leaks that share of every update into the retained
-images' outputs.
+real inputs' energy that falls outside a subspace of the rank the index keeps at ``--energy``
+(capped at the weight matrix's rank): the index's own directions (1 − energy uncapped), the top
+right-singular directions of the layer's weight matrix, and a random subspace (1 − rank /
+dimensions in expectation). A projection onto the weights' complement leaks that share of every
+update into the retained images' outputs.
 
     python benchmarks/weight_space.py MODEL.safetensors MODEL.train-index.safetensors
 """
@@ -23,8 +23,8 @@ from l2ul_cli.models import load_model
 
 def leaks(model: torch.nn.Module, index, energy: float) -> list[tuple[str, int, int, float, float, float]]:
     """(layer, dimensions, rank, leak of the index's own top directions, of the weights' top
-    directions, and of a random subspace);
-    the rank is the index's at ``energy``, capped at the weight matrix's own."""
+    directions, and of a random subspace); the rank is the index's at ``energy``, capped at the
+    weight matrix's own."""
     modules = dict(model.named_modules())
     rows = []
     for name, space in index.layers.items():

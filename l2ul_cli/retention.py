@@ -95,11 +95,17 @@ def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_
     and their shifted copies, or without ``request`` class-like dead-leaves images (few steps: no
     more than DEAD_LEAVES_STEPS)."""
     progress = progress or NullProgress()
+    batchnorm = has_batchnorm(model)
     source = config.synthetic_source
-    if source == "auto" and not has_batchnorm(model):
+    if source == "auto" and not batchnorm:
         source = "forget-statistics"
-    if source == "forget-statistics" and request is None:
-        source = "auto" if has_batchnorm(model) else "dead-leaves"
+    targets, why = {}, ""
+    if source == "forget-statistics" and request is not None:
+        near = torch.cat([request, shifted_copies(request, NEIGHBOURS, 2, torch.Generator().manual_seed(seed))])
+        targets = input_statistics(model, near)
+        why = "" if targets else " (the model has no norm layers to take statistics at)"
+    if source == "forget-statistics" and not targets:
+        source = "auto" if batchnorm and request is None else "dead-leaves"
     steps = min(config.synthetic_steps, DEAD_LEAVES_STEPS) if source == "dead-leaves" else config.synthetic_steps
     progress.start("synthesis", steps * -(-n // SYNTH_BATCH), unit="steps")
     kw = dict(steps=steps, seed=seed, autocast_dtype=autocast_dtype, progress=progress.advance)
@@ -108,15 +114,9 @@ def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_
         made = "BatchNorm statistics"
     elif source == "dead-leaves":
         images = class_dead_leaves(model, n, image_shape, num_classes, **kw)
-        made = "dead-leaves images made class-like"
+        made = "dead-leaves images made class-like" + why
     else:
-        near = torch.cat([request, shifted_copies(request, NEIGHBOURS, 2, torch.Generator().manual_seed(seed))])
-        targets = input_statistics(model, near)
-        if targets:
-            images = invert_statistics(model, targets, n, image_shape, num_classes, lr=config.synthetic_lr, **kw)
-            made = f"the norm layers' input statistics on the {request.shape[0]} request images and {NEIGHBOURS} shifted copies of each"
-        else:  # no norm layer at all: nothing to match
-            images = class_dead_leaves(model, n, image_shape, num_classes, **{**kw, "steps": min(steps, DEAD_LEAVES_STEPS)})
-            made = "dead-leaves images made class-like (the model has no norm layers to take statistics at)"
+        images = invert_statistics(model, targets, n, image_shape, num_classes, lr=config.synthetic_lr, **kw)
+        made = f"the norm layers' input statistics on the {request.shape[0]} request images and {NEIGHBOURS} shifted copies of each"
     progress.finish()
-    return images, f"{n} stand-in images from {made}" + ("" if has_batchnorm(model) else " (the model has no BatchNorm)")
+    return images, f"{n} stand-in images from {made}" + ("" if batchnorm else " (the model has no BatchNorm)")
