@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+from timm.layers.padding import pad_same
 from torch import nn
 
 from .evaluate import accuracy, predict
@@ -21,11 +23,28 @@ def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as a (features, samples) matrix: one column per position and image."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1]).T
-    cols = F.unfold(x.float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    x, padding = _as_read(layer, x.float())
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     n, _, positions = cols.shape
     # Grouped (e.g. depthwise) convolutions: every group reads its own channels with the same
     # kind of patch, so the groups' patches share one input space.
     return cols.view(n, layer.groups, -1, positions).permute(2, 0, 1, 3).reshape(cols.shape[1] // layer.groups, -1)
+
+
+def _as_read(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | int]:
+    """The input padded as the convolution itself pads it, and the zero padding left to unfold.
+
+    A forward pre-hook sees the input before any padding the layer does in its own forward:
+    timm's TF-style 'same' convolutions (Conv2dSame, and StdConv2dSame with ``same_pad``) pad
+    by an amount that depends on the input size, and torch's string paddings and non-zero
+    padding modes are not the ``padding`` tuple unfold understands.
+    """
+    if isinstance(conv, (Conv2dSame, Conv2dSameExport)) or getattr(conv, "same_pad", False):
+        return pad_same(x, conv.kernel_size, conv.stride, conv.dilation), 0
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    return x, conv.padding
 
 
 SUPPORT_SHARE = 0.75  # work on the support only where it is at most this share of the dimensions

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, StdConv2dSame
 from torch import nn
 
 from l2ul_cli.projection import GradientProjector, _columns
@@ -72,6 +74,30 @@ def test_grouped_conv_columns_share_one_patch_space():
     assert cols.shape == (9, 2 * 4 * 25)
     # The centre tap of channel c at position p is the pixel itself.
     assert torch.allclose(cols[4].reshape(2, 4, 25), x.reshape(2, 4, 25))
+
+
+@pytest.mark.parametrize("make, size", [
+    (lambda: Conv2dSame(3, 5, 2, stride=1), 1),  # timm ConvNeXt's downsample at a 1x1 map
+    (lambda: Conv2dSame(3, 5, 3, stride=2), 5),  # tf_* EfficientNets: odd size, stride 2
+    (lambda: StdConv2dSame(3, 5, 3, stride=2, padding="same"), 6),
+    (lambda: nn.Conv2d(3, 5, 4, padding="same"), 5),
+    (lambda: nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), 4),
+    (lambda: nn.Conv2d(3, 5, 3, padding=2, dilation=2, padding_mode="circular"), 6),
+])
+def test_columns_are_what_the_convolution_reads(make, size):
+    """Weights times columns give the layer's own output, whatever padding the layer does itself."""
+    torch.manual_seed(0)
+    conv = make()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        out = conv(x) - (conv.bias.view(1, -1, 1, 1) if conv.bias is not None else 0)
+        w = conv.weight
+        if isinstance(conv, StdConv2dSame):  # its forward standardises the weights per output channel
+            w = F.batch_norm(w.reshape(1, 5, -1), None, None, training=True, eps=conv.eps).reshape_as(w)
+        cols = _columns(conv, x)
+    mine = (w.reshape(5, -1) @ cols).reshape(5, 2, -1).transpose(0, 1)
+    assert mine.shape == out.flatten(2).shape
+    assert torch.allclose(mine, out.flatten(2), atol=1e-5)
 
 
 def test_complement_path_gives_the_same_projection():
