@@ -37,6 +37,15 @@ from l2ul_cli.unlearn import unlearn  # noqa: E402
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
+def describe_arch(arch: str, model_args: dict | None) -> str:
+    """``timm resnet18 (in_chans=1)``, ``torchvision resnet18 (first conv to 1 channel)``, with any
+    constructor arguments."""
+    args = "".join(f", {k}={v}" for k, v in sorted((model_args or {}).items()))
+    if arch.startswith("torchvision:"):
+        return f"torchvision {arch.split(':', 1)[1]} (first conv to 1 channel{args})"
+    return f"timm {arch} (in_chans=1{args})"
+
+
 def pick(n_train: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(10_000 + seed))[:k]
 
@@ -245,7 +254,7 @@ def main() -> None:
     lr_ = predict(base.model, ev.x[ev.remaining_pool].split(2000), dev)
     before = {"D_r": accuracy(lr_, ev.y[ev.remaining_pool]), "D_test": accuracy(lt, ev.yt)}
     header = (f"## Quality on Fashion-MNIST · {args.arch} · {device_name(dev)}\n\n"
-              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Model: timm {args.arch} (in_chans=1), "
+              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`. Model: {describe_arch(args.arch, args.model_args)}, "
               f"{epochs} epochs of SGD{' (CPU recipe, smaller than the GPU one)' if epochs < GPU_EPOCHS else ''}, test accuracy "
               f"{before['D_test'] * 100:.2f}%. D_r: a fixed 10,000-image subset of the remaining training images; "
               f"D_test: the 10,000 test images; MIA: loss-attack AUC, forget vs test images. Attack: N_adv={attack['n_adv']}, "

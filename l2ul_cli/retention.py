@@ -117,6 +117,7 @@ def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_
         made = "dead-leaves images made class-like" + why
     else:
         images = invert_statistics(model, targets, n, image_shape, num_classes, lr=config.synthetic_lr, **kw)
-        made = f"the norm layers' input statistics on the {request.shape[0]} request images and {NEIGHBOURS} shifted copies of each"
+        made = (f"the norm layers' input statistics on the {request.shape[0]} images to unlearn (the request's and any "
+                f"--keep) and {NEIGHBOURS} shifted copies of each")
     progress.finish()
     return images, f"{n} stand-in images from {made}" + ("" if batchnorm else " (the model has no BatchNorm)")

@@ -195,7 +195,7 @@ def test_a_network_without_batchnorm_gets_stand_ins_from_the_request_images_stat
     request = torch.rand(4, 1, 8, 8)
     space = retained_space(net, config=cfg, image_shape=(1, 8, 8), num_classes=3, stand_ins=20, request=request)
     assert space.kind == "stand_ins" and space.images.shape == (20, 1, 8, 8)
-    assert "statistics on the 4 request images" in space.projector.source and space.note == NO_BATCHNORM
+    assert "statistics on the 4 images to unlearn" in space.projector.source and space.note == NO_BATCHNORM
     none = retained_space(net, config=cfg, image_shape=(1, 8, 8), num_classes=3, stand_ins=20)
     assert none.projector is None and none.note == NO_STAND_INS
 
@@ -207,7 +207,7 @@ def test_explicit_request_statistics_on_batchnorm_and_no_norm_layers_at_all():
     request = torch.rand(4, 1, 10, 10)
     cfg = resolve("l2ul", "forget", synthetic_steps=5, synthetic_source="forget-statistics")
     _, made = stand_in_images(_trained_bn_net(), 12, (1, 10, 10), 3, cfg, request=request)
-    assert "statistics on the 4 request images" in made and "no BatchNorm" not in made
+    assert "statistics on the 4 images to unlearn" in made and "no BatchNorm" not in made
     _, made = stand_in_images(_trained_bn_net(), 12, (1, 10, 10), 3, cfg)  # nothing to measure: running statistics
     assert made.endswith("from BatchNorm statistics")
     torch.manual_seed(0)
