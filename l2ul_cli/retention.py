@@ -16,6 +16,7 @@ from .anchors import NullProgress, Progress, shifted_copies
 from .config import UnlearnConfig
 from .evaluate import predict
 from .index import RetainedIndex
+from .memory import rows_that_fit
 from .projection import GradientProjector
 from .synthesis import BATCH as SYNTH_BATCH
 from .synthesis import class_dead_leaves, has_batchnorm, input_statistics, invert_batchnorm, invert_statistics
@@ -107,8 +108,10 @@ def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_
     if source == "forget-statistics" and not targets:
         source = "auto" if batchnorm and request is None else "dead-leaves"
     steps = min(config.synthetic_steps, DEAD_LEAVES_STEPS) if source == "dead-leaves" else config.synthetic_steps
-    progress.start("synthesis", steps * -(-n // SYNTH_BATCH), unit="steps")
-    kw = dict(steps=steps, seed=seed, autocast_dtype=autocast_dtype, progress=progress.advance)
+    device = next(model.parameters()).device
+    batch = rows_that_fit(model, tuple(image_shape), device, SYNTH_BATCH, autocast_dtype)
+    progress.start("synthesis", steps * -(-n // batch), unit="steps")
+    kw = dict(steps=steps, seed=seed, autocast_dtype=autocast_dtype, progress=progress.advance, batch_size=batch)
     if source == "auto":
         images = invert_batchnorm(model, n, image_shape, num_classes, lr=config.synthetic_lr, **kw)
         made = "BatchNorm statistics"
@@ -120,4 +123,5 @@ def stand_in_images(model: nn.Module, n: int, image_shape: tuple[int, ...], num_
         made = (f"the norm layers' input statistics on the {request.shape[0]} images to unlearn (the request's and any "
                 f"--keep) and {NEIGHBOURS} shifted copies of each")
     progress.finish()
-    return images, f"{n} stand-in images from {made}" + ("" if batchnorm else " (the model has no BatchNorm)")
+    smaller = f", in batches of {batch} to fit in memory" if batch < min(n, SYNTH_BATCH) else ""
+    return images, f"{n} stand-in images from {made}" + ("" if batchnorm else " (the model has no BatchNorm)") + smaller

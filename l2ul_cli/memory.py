@@ -1,0 +1,68 @@
+"""How many images a backward pass can take at once on this device.
+
+Stand-ins are optimised in batches of up to 256 images (their statistics are matched per batch).
+At 28 px that is nothing; a ResNet-50 at 224 px keeps about 90 MiB per image for the backward pass,
+so a batch of 256 wants more than 20 GiB and a CPU machine's process is killed for memory
+(benchmarks/RESULTS.md "One request at 224×224"). The batch is therefore sized from what the
+model itself keeps per image, measured once on two tiny batches, and the memory the device has free.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SHARE = 0.5  # of the free memory a batch's saved activations may take: room for the rest of the step
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free on ``device`` now: the GPU's free memory, or the system's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def saved_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device: torch.device,
+                          autocast_dtype: torch.dtype | None = None, forward=None) -> int:
+    """Bytes the autograd graph keeps per image for a gradient with respect to the input.
+
+    Counted with saved-tensor hooks on batches of one and of two images: the difference leaves out
+    what does not grow with the batch (weights, their reduced-precision copies). ``forward``
+    (default: the model's) may add the caller's own hooks' tensors.
+    """
+    forward = forward or model
+    counts = []
+    for n in (1, 2):
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        x = torch.rand((n, *image_shape), device=device, requires_grad=True)
+        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+            forward(x)
+        counts.append(total)
+    return max(counts[1] - counts[0], 1)
+
+
+def rows_that_fit(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, cap: int,
+                  autocast_dtype: torch.dtype | None = None, forward=None, floor: int = 8) -> int:
+    """The largest batch up to ``cap`` whose saved activations take at most SHARE of the free
+    memory (never under ``floor``; ``cap`` when the free memory is unknown)."""
+    free = free_bytes(device)
+    if free is None:
+        return cap
+    per = saved_bytes_per_image(model, image_shape, device, autocast_dtype, forward)
+    return max(floor, min(cap, int(free * SHARE) // per))
