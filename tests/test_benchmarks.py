@@ -135,3 +135,15 @@ def test_weight_space_leak_is_none_for_weights_on_the_inputs_and_large_for_rando
         (_, dims, rank, own, leak, random_leak), = leaks(net, index, 0.9999)
         assert (dims, rank) == (32, 4) and random_leak == 1 - 4 / 32 and abs(own) < 1e-5
         assert lo <= leak <= hi  # random: about 0.875
+
+
+@needs_fmnist
+def test_speed224_benchmark_smoke():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed224.py"), "--device", "cpu", "--arch", "test_resnet",
+                        "--size", "32", "--k", "2", "--max-steps", "2", "--update-steps", "10", "--no-write"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| *"): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert {"attack", "importance", "synthesis", "updates", "total"} <= set(rows)
+    assert "per step (2)" in rows["updates"] and "scaled to the default's" in r.stdout
