@@ -88,6 +88,8 @@ class PGUResult:
     heldout_accuracy: float | None = None  # after, with held-out images
     projection: str = ""
     loss_history: list[float] = field(default_factory=list)
+    # held-out − forget accuracy before the first epoch and after each (with held-out images)
+    gap_history: list[float] = field(default_factory=list)
 
 
 def pgu_objective(logits: torch.Tensor, labels: torch.Tensor, config: PGUConfig) -> torch.Tensor:
@@ -213,7 +215,7 @@ def pgu_unlearn(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor
     return PGUResult(run.steps, met, seconds, notes, reduced, epochs=run.epochs, stopped=stopped,
                      forget_accuracy=acc, heldout_accuracy=_heldout_accuracy(model, heldout, device),
                      projection=f"{reduced.describe_source()}, γ {config.gamma}: {projector.summary()}",
-                     loss_history=run.losses)
+                     loss_history=run.losses, gap_history=run.gaps)
 
 
 @dataclass
@@ -229,6 +231,7 @@ class _Run:
     steps: int = 0
     epochs: int = 0
     losses: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
     previous: dict[str, torch.Tensor] | None = None
     previous_gap: float | None = None
 
@@ -237,7 +240,9 @@ class _Run:
         whether every forget image meets the goal."""
         acc, met = _forget_accuracy(self.model, self.x, self.y, self.goal)
         held = _heldout_accuracy(self.model, self.heldout, self.device)
-        return (held - acc if held is not None else float("nan")), met
+        gap = held - acc if held is not None else float("nan")
+        self.gaps.append(gap)
+        return gap, met
 
 
 def _loop(run: _Run, projector: GradientProjector, config: PGUConfig, stop: str, progress: Progress) -> str:

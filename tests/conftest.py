@@ -25,6 +25,9 @@ torch.set_num_threads(1)
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SIZE = 16
 ARCH = "test_resnet"
+# Another seed trains another fixture model: floating-point results differ between CPUs, so a test
+# whose margins hold over several seeds holds on any machine (L2UL_TEST_SEED=1 python -m pytest).
+TRAIN_SEED = int(os.environ.get("L2UL_TEST_SEED", "0"))
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -45,16 +48,21 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def digits_checkpoint(tmp_path_factory, digits) -> Path:
-    """test_resnet trained on 1,500 digits; ~97% on the 297 held out. Seeded."""
-    torch.manual_seed(0)
+    """test_resnet trained on 1,500 digits; 95-98% on the 297 held out, 100% on its training images.
+    Seeded. The learning rate decays to zero: at a constant rate the last steps' noise decided the
+    model: held-out accuracy ranged 0.89-0.97 over 5 seeds (0.95-0.98 with the decay), and two CPUs
+    trained different enough models at one seed to move tests across their margins."""
+    torch.manual_seed(TRAIN_SEED)
     u8, y = digits
     x = torch.tensor(u8, dtype=torch.float32).unsqueeze(1) / 255.0
     xt, yt = x[:1500], torch.tensor(y[:1500])
     net = build_network(ARCH, 10, 1)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(0)
+    epochs = 12
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(range(0, 1500, 64)))
+    g = torch.Generator().manual_seed(TRAIN_SEED)
     net.train()
-    for _ in range(12):
+    for _ in range(epochs):
         perm = torch.randperm(1500, generator=g)
         for i in range(0, 1500, 64):
             idx = perm[i:i + 64]
@@ -62,6 +70,7 @@ def digits_checkpoint(tmp_path_factory, digits) -> Path:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     net.eval()
     path = tmp_path_factory.mktemp("model") / "digits.safetensors"
     write_checkpoint(path, net.state_dict(), {
