@@ -1,10 +1,11 @@
 """How many images a backward pass can take at once on this device.
 
 Stand-ins are optimised in batches of up to 256 images (their statistics are matched per batch).
-At 28 px that is nothing; a ResNet-50 at 224 px keeps about 90 MiB per image for the backward pass,
-so a batch of 256 wants more than 20 GiB and a CPU machine's process is killed for memory
-(benchmarks/RESULTS.md "One request at 224×224"). The batch is therefore sized from what the
-model itself keeps per image, measured once on two tiny batches, and the memory the device has free.
+At 28 px that is nothing; a ResNet-50 at 224 px keeps 124 MiB per image for the backward pass
+(63 MiB in bf16), so a batch of 256 wants 16 GiB (31 GiB in fp32), and a 23 GB CPU machine's
+process was killed for memory (benchmarks/RESULTS.md "One request at 224×224: memory of the
+stand-ins"). The batch is therefore sized from what the model itself keeps per image, measured
+once on two tiny batches, and the memory the device has free.
 """
 
 from __future__ import annotations
