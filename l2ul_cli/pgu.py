@@ -220,7 +220,7 @@ def pgu_unlearn(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor
 
 @dataclass
 class _Run:
-    """The state of one PGU run: images, counters, and the previous epoch's weights and gap."""
+    """The state of one PGU run: images, counters, every epoch's gap and the previous epoch's weights."""
 
     model: nn.Module
     x: torch.Tensor
@@ -233,7 +233,6 @@ class _Run:
     losses: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     previous: dict[str, torch.Tensor] | None = None
-    previous_gap: float | None = None
 
     def gap(self) -> tuple[float, bool]:
         """Held-out accuracy − forget accuracy (positive: forgotten past the held-out level), and
@@ -255,7 +254,6 @@ def _loop(run: _Run, projector: GradientProjector, config: PGUConfig, stop: str,
     for epoch in range(1, config.epochs + 1):
         if stop == "gap":
             run.previous = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-            run.previous_gap = gap
         losses = _epoch(run.model, run.x, run.y, projector, config.start_lr * alpha ** epoch, run.goal, config)
         run.losses += losses
         run.steps += len(losses)
@@ -265,7 +263,7 @@ def _loop(run: _Run, projector: GradientProjector, config: PGUConfig, stop: str,
         if stop == "goal" and met:
             return "every forget image meets the goal"
         if stop == "gap" and gap > 0:
-            if abs(gap) >= abs(run.previous_gap):
+            if abs(gap) >= abs(run.gaps[-2]):  # the gap before this epoch
                 run.model.load_state_dict(run.previous)
                 # Few images move their accuracy in big steps: the weights before the step that
                 # crossed the held-out level may have forgotten none of them.
