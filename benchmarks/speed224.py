@@ -45,16 +45,23 @@ class Clock:
     def __init__(self):
         self.phases: dict[str, dict] = {}
         self._now: dict | None = None
+        self._t0 = time.perf_counter()
+
+    def _log(self, what: str) -> None:  # on stderr: a long CPU run shows where it is
+        print(f"[{time.perf_counter() - self._t0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
     def start(self, phase: str, total: int, unit: str = "images") -> None:
         self._now = self.phases[phase] = {"start": time.perf_counter(), "ticks": [], "units": [], "unit": unit}
+        self._log(f"{phase}: {total} {unit}")
 
     def advance(self, n: int = 1) -> None:
         self._now["ticks"].append(time.perf_counter())
         self._now["units"].append(n)
+        self._log(f"  +{n} ({sum(self._now['units'])})")
 
     def finish(self) -> None:
         self._now["end"] = time.perf_counter()
+        self._log("  done")
 
     def per_unit(self, phase: str) -> tuple[float, int]:
         """Seconds per unit after the first advance (set-up and warm-up apart), and units run."""

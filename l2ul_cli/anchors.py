@@ -19,6 +19,7 @@ from torch import nn
 from .attack import adversarial_set
 from .config import AttackConfig, UnlearnConfig
 from .evaluate import predict
+from .memory import rows_that_fit
 
 
 class Progress(Protocol):
@@ -92,8 +93,12 @@ def class_blends(images: torch.Tensor, labels: torch.Tensor, copies: int, genera
 
 
 def attack_with_retry(model, images, labels, num_classes, attack: AttackConfig, generator, autocast_dtype, progress):
-    """Run the attack; on CUDA out-of-memory halve the chunk and start again."""
-    batch = attack.chunk_rows(tuple(images.shape[1:]), images.device.type)
+    """Run the attack in chunks no larger than the free memory holds (unless ``attack.batch_size``
+    is set); on CUDA out-of-memory halve the chunk and start again."""
+    shape = tuple(images.shape[1:])
+    batch = attack.chunk_rows(shape, images.device.type)
+    if not attack.batch_size:
+        batch = rows_that_fit(model, shape, images.device, batch, autocast_dtype, floor=1)
     state = generator.get_state()
     while True:
         try:

@@ -69,7 +69,8 @@ class AttackConfig:
         return resolve_eps(self.eps, image_shape, self.eps_at_28x28)
 
     def chunk_rows(self, image_shape: tuple[int, ...], device_type: str) -> int:
-        """Rows per attack chunk: ``batch_size`` if set, else a budget of pixel values.
+        """Rows per attack chunk: ``batch_size`` if set, else a budget of pixel values (a cap for
+        speed: :func:`.anchors.attack_with_retry` lowers it to what the free memory holds).
 
         CUDA: 4,096 rows at 28x28x1 (the attack took 0.75 s instead of 2.2 s with 1,024 on an
         H100: fewer kernel launches), 256 at 224x224x3 (about 13 GB for a ResNet-50 in bf16).

@@ -86,10 +86,13 @@ class UpdateLoop:
     def can_roll_back(self) -> bool:
         return self.saved is not None and self.retries < self.config.divergence_retries
 
-    def step(self, loss: torch.Tensor) -> None:
-        """One SGD step on ``loss`` plus the penalty, projected; then a checkpoint when due."""
+    def step(self, loss: torch.Tensor, replay=None) -> None:
+        """One SGD step on ``loss`` plus the penalty, projected; then a checkpoint when due.
+        ``replay``: the rest of the backward pass of a step split to fit in memory."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if replay is not None:
+            replay()
         if self.penalty is not None:  # its gradient added directly: the same as through autograd, fewer kernels
             self.penalty.add_gradient(self.model)
         if self.projector is not None:

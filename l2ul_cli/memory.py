@@ -5,11 +5,14 @@ At 28 px that is nothing; a ResNet-50 at 224 px keeps 124 MiB per image for the 
 (63 MiB in bf16), so a batch of 256 wants 16 GiB (31 GiB in fp32), and a 23 GB CPU machine's
 process was killed for memory (benchmarks/RESULTS.md "One request at 224×224: memory of the
 stand-ins"). The batch is therefore sized from what the model itself keeps per image, measured
-once on two tiny batches, and the memory the device has free.
+once on two tiny batches, and the memory the device has free. An update step of the default
+(the forget images and 64 adversarial rows: about 10 GB at 224 px in fp32) is split the same way
+(:func:`logits_in_parts`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -67,3 +70,25 @@ def rows_that_fit(model: nn.Module, image_shape: tuple[int, ...], device: torch.
         return cap
     per = saved_bytes_per_image(model, image_shape, device, autocast_dtype, forward)
     return max(floor, min(cap, int(free * SHARE) // per))
+
+
+def logits_in_parts(model: nn.Module, batch: torch.Tensor, rows: int) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """``model(batch)`` for a loss whose backward pass must fit in passes of ``rows`` rows.
+
+    When the batch fits, the logits with their graph and no replay. Otherwise the logits without a
+    graph, as a leaf that requires grad, and ``replay``: called after the loss's backward (which
+    stops at the leaf), it runs each part's forward again and backpropagates its share of the
+    leaf's gradient, so the parameters get the same gradient as from one pass (the model must be
+    deterministic: BatchNorm frozen). One more forward pass per step, only when memory asks for it.
+    """
+    if batch.shape[0] <= rows:
+        return model(batch), None
+    parts = batch.split(rows)
+    with torch.no_grad():
+        leaf = torch.cat([model(p) for p in parts]).requires_grad_(True)
+
+    def replay() -> None:
+        for p, g in zip(parts, leaf.grad.split(rows)):
+            model(p).backward(g)
+
+    return leaf, replay

@@ -12,6 +12,7 @@ stops at the first weights that meet it and never takes a step past them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,14 +22,17 @@ from torch import nn
 
 from .anchors import AnchorSet, NullProgress, Progress, build_anchors
 from .config import AttackConfig, UnlearnConfig
-from .errors import NumericalError
+from .errors import NumericalError, UsageError
 from .goals import Goal, goal_named
 from .importance import ImportancePenalty, mas_importance, mas_importance_batch
 from .loop import UpdateLoop
+from .memory import logits_in_parts, rows_that_fit
 from .objectives import objective_loss
 from .precision import Precision, choose, describe
 from .projection import GradientProjector
 from .retention import RetainedSpace, retained_space
+
+Replay = Callable[[], None] | None  # the rest of a step's backward pass when it is split (:mod:`.memory`)
 
 __all__ = ["ImageSet", "NullProgress", "Progress", "UnlearnResult", "unlearn"]
 
@@ -177,46 +181,64 @@ def _penalty(model: nn.Module, measured: ImageSet, config: UnlearnConfig, origin
 
 
 def _check(model: nn.Module, data: ImageSet, step: ImageSet, anchors: AnchorSet | None, idx: torch.Tensor | None,
-           goal: Goal, bn: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+           goal: Goal, bn: str, rows: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Replay]:
     """Which images meet the goal, in eval mode. BatchNorm frozen and every image in the step:
-    the same pass gives the step's logits of the images and of the anchor rows (else None: see
-    :func:`_step_pass`)."""
+    the same pass gives the step's logits of the images and of the anchor rows, in passes of at
+    most ``rows`` rows (:func:`.memory.logits_in_parts`; else None: see :func:`_step_pass`)."""
     model.eval()
     if bn == "eval" and step is data:
         batch = data.images if idx is None else torch.cat([data.images, anchors.inputs[idx]])
-        logits = model(batch)
+        logits, replay = logits_in_parts(model, batch, rows)
         lf, la = logits[:len(data)], logits[len(data):]
-        return goal.met(lf.detach(), data.targets), lf, la
+        return goal.met(lf.detach(), data.targets), lf, la, replay
     with torch.no_grad():
-        return goal.met(model(data.images), data.targets), None, None
+        return goal.met(model(data.images), data.targets), None, None, None
 
 
 def _step_pass(model: nn.Module, step: ImageSet, anchors: AnchorSet | None, idx: torch.Tensor | None,
-               bn: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+               bn: str, rows: int) -> tuple[torch.Tensor, torch.Tensor | None, Replay]:
     """The step's logits. BatchNorm in train mode, as the reference code updates: the images and
     the anchor rows in separate batches, each normalised by its own statistics."""
     if bn == "eval":
         batch = step.images if idx is None else torch.cat([step.images, anchors.inputs[idx]])
-        logits = model(batch)
-        return logits[:len(step)], logits[len(step):]
+        logits, replay = logits_in_parts(model, batch, rows)
+        return logits[:len(step)], logits[len(step):], replay
     model.train()
     la = model(anchors.inputs[idx]) if idx is not None else None  # the anchors first, as the reference code
-    return model(step.images), la
+    return model(step.images), la, None
+
+
+def _rows_per_pass(loop: UpdateLoop, data: ImageSet, notes: list[str]) -> int:
+    """Rows one forward and backward pass of an update step may take on this device's free memory;
+    a note when a step is split. With BatchNorm in train mode a split would change the batch
+    statistics, so a step that does not fit is refused before it is killed for memory."""
+    wanted = min(len(data), loop.config.forget_batch_size or len(data)) + loop.batch
+    rows = rows_that_fit(loop.model, tuple(data.images.shape[1:]), data.images.device, wanted)
+    if rows >= wanted:
+        return wanted
+    if loop.config.bn != "eval":
+        raise UsageError(f"an update step of {wanted} rows does not fit in this device's free memory ({rows} rows do) "
+                         "with BatchNorm in train mode; pass --bn eval (its steps are split to fit) or a smaller "
+                         "--forget-batch-size")
+    notes.append(f"each update step of {wanted} rows ran in passes of {rows} to fit in this device's free memory")
+    return rows
 
 
 def _descend(loop: UpdateLoop, data: ImageSet, goal: Goal, progress: Progress, notes: list[str]) -> None:
     """Step until every image meets the goal or the step cap is hit."""
     config = loop.config
+    loop.model.eval()
+    rows = _rows_per_pass(loop, data, notes)
     progress.start("updates", config.max_steps, unit="steps")
     try:
         while True:
             idx, step = loop.next_rows(), loop.next_forget(data)
-            met, lf, la = _check(loop.model, data, step, loop.anchors, idx, goal, config.bn)
+            met, lf, la, replay = _check(loop.model, data, step, loop.anchors, idx, goal, config.bn, rows)
             n_met = int(met.sum())
             if n_met == len(data) or loop.steps >= config.max_steps:
                 break
             if lf is None:
-                lf, la = _step_pass(loop.model, step, loop.anchors, idx, config.bn)
+                lf, la, replay = _step_pass(loop.model, step, loop.anchors, idx, config.bn, rows)
             loss = objective_loss(lf, step.targets, goal, config.objective, config.margin)
             if idx is not None:
                 loss = loop.with_anchors(loss, la, idx, len(step))
@@ -227,7 +249,7 @@ def _descend(loop: UpdateLoop, data: ImageSet, goal: Goal, progress: Progress, n
                                          f"smaller --lr{' or --adv-weight' if idx is not None else ''})")
                 notes.append(loop.roll_back(value))
                 continue
-            loop.step(loss)
+            loop.step(loss, replay)
             progress.advance(1)
             if note := loop.adapt_lambda(n_met):
                 notes.append(note)
