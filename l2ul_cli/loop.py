@@ -9,6 +9,7 @@ from torch import nn
 from .anchors import AnchorSet
 from .config import UnlearnConfig
 from .importance import ImportancePenalty
+from .memory import Replay
 from .objectives import adversarial_loss
 from .projection import GradientProjector
 
@@ -86,7 +87,7 @@ class UpdateLoop:
     def can_roll_back(self) -> bool:
         return self.saved is not None and self.retries < self.config.divergence_retries
 
-    def step(self, loss: torch.Tensor, replay=None) -> None:
+    def step(self, loss: torch.Tensor, replay: Replay = None) -> None:
         """One SGD step on ``loss`` plus the penalty, projected; then a checkpoint when due.
         ``replay``: the rest of the backward pass of a step split to fit in memory."""
         self.opt.zero_grad(set_to_none=True)

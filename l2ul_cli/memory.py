@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+Replay = Callable[[], None] | None  # the rest of a step's backward pass when it is split (logits_in_parts)
 SHARE = 0.5  # of the free memory a batch's saved activations may take: room for the rest of the step
 
 
@@ -72,7 +73,7 @@ def rows_that_fit(model: nn.Module, image_shape: tuple[int, ...], device: torch.
     return max(floor, min(cap, int(free * SHARE) // per))
 
 
-def logits_in_parts(model: nn.Module, batch: torch.Tensor, rows: int) -> tuple[torch.Tensor, Callable[[], None] | None]:
+def logits_in_parts(model: nn.Module, batch: torch.Tensor, rows: int) -> tuple[torch.Tensor, Replay]:
     """``model(batch)`` for a loss whose backward pass must fit in passes of ``rows`` rows.
 
     When the batch fits, the logits with their graph and no replay. Otherwise the logits without a

@@ -12,7 +12,6 @@ stops at the first weights that meet it and never takes a step past them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +25,11 @@ from .errors import NumericalError, UsageError
 from .goals import Goal, goal_named
 from .importance import ImportancePenalty, mas_importance, mas_importance_batch
 from .loop import UpdateLoop
-from .memory import logits_in_parts, rows_that_fit
+from .memory import Replay, logits_in_parts, rows_that_fit
 from .objectives import objective_loss
 from .precision import Precision, choose, describe
 from .projection import GradientProjector
 from .retention import RetainedSpace, retained_space
-
-Replay = Callable[[], None] | None  # the rest of a step's backward pass when it is split (:mod:`.memory`)
 
 __all__ = ["ImageSet", "NullProgress", "Progress", "UnlearnResult", "unlearn"]
 
