@@ -126,12 +126,17 @@ def _augment(xb: torch.Tensor, g: torch.Generator, *, per_image_crop: bool) -> t
 
 
 class Evaluator:
-    """D_r (a fixed 10,000-image subset of the remaining training images), D_test, MIA."""
+    """D_r (a fixed 10,000-image subset of the remaining training images), D_test, MIA.
+
+    ``L2UL_BENCH_EVAL_IMAGES`` (the smoke tests' setting) caps both sets at that many images:
+    scoring 20,000 images per cell was half of a smoke run's time."""
 
     def __init__(self, dev: torch.device, seed: int = 1234, n_remaining: int = 10_000):
         self.dev = dev
         self.x, self.y = fmnist("train")
         self.xt, self.yt = fmnist("test")
+        if cap := int(os.environ.get("L2UL_BENCH_EVAL_IMAGES", 0)):
+            self.xt, self.yt, n_remaining = self.xt[:cap], self.yt[:cap], min(n_remaining, cap)
         self.remaining_pool = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(seed))[:n_remaining]
 
     def metrics(self, loaded: LoadedModel, forget_idx: torch.Tensor, forget_targets: torch.Tensor, goal: str) -> dict:

@@ -19,7 +19,8 @@ TINY = ["--device", "cpu", "--arch", "test_resnet", "--epochs", "1", "--train-su
 
 
 def _run(script: str, *args: str, tmp_path: Path) -> str:
-    env = {**os.environ, "L2UL_BENCH_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "L2UL_BENCH_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "L2UL_BENCH_EVAL_IMAGES": "1500"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY, *args],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -172,7 +172,7 @@ def test_class_blends_mix_each_image_with_a_classmate():
 def test_blend_anchors_keep_the_class_of_other_blends(digits_checkpoint, digits):
     """With blend anchors, blends of the forget images drawn apart (another seed) keep their
     class more often: what the anchors are for."""
-    xf, yf = _digits(digits, 1500, 1530)
+    xf, yf = _digits(digits, 1500, 1520)
     probe = class_blends(xf, yf, 4, torch.Generator().manual_seed(99))
     probe_y = torch.cat([yf[i].repeat(4) for i in range(len(yf)) if (yf == yf[i]).sum() > 1])
     kept = _kept_on_probe(digits_checkpoint, xf, yf, probe, probe_y, "mix_copies")
