@@ -51,13 +51,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from . import memory
 from .attack import draw_targets
 from .errors import NumericalError, UsageError
 from .evaluate import predict
@@ -352,6 +353,7 @@ def ltu_unlearn(
     before = predict(model, forget_x.split(256), device, device)
     sets = _prepare(forget_x, forget_y, retain_x, retain_y, goal, before.shape[1], config, device, generator)
     notes = [f"retain subset: {len(sets.retain)} of {len(retain_x)} images"]
+    config = replace(config, query_size=_queries_that_fit(model, sets, config, device, notes))
     if len(sets.retain) < config.query_size * len(config.strategies):
         notes.append(f"query sets cut to the {len(sets.retain)} retain images available")
     mias = _membership_models(model, sets, holdout_x, holdout_y, config, generator, notes)
@@ -394,6 +396,28 @@ def ltu_unlearn(
         membership_before=_mean_membership(mias, before, sets.labels),
         membership_after=_mean_membership(mias, final, sets.labels), loss_history=history,
     )
+
+
+def _queries_that_fit(model: nn.Module, sets: _Sets, config: LTUConfig, device, notes: list[str]) -> int:
+    """Query images per strategy that a meta-step's graph leaves room for in the free memory
+    (SHARE of it, as every batch of the tool). An estimate: the support's forward is counted twice
+    (its gradient is differentiated again), each query image once, at the bytes per image the
+    model keeps for a first-order backward pass."""
+    free = memory.free_bytes(torch.device(device))
+    if free is None:
+        return config.query_size
+    per = memory.saved_bytes_per_image(model, tuple(sets.forget.shape[1:]), torch.device(device))
+    budget, support = int(free * memory.SHARE) // per, min(config.support_size, len(sets.forget))
+    fit = (budget - 2 * support) // len(config.strategies)
+    if fit < 1:
+        raise UsageError(f"an LTU step ({support} support images, twice, and {len(config.strategies)} query sets) does "
+                         f"not fit in this device's free memory ({budget} images' activations do); run it on a device "
+                         "with more memory or at a smaller input size")
+    if fit < config.query_size:
+        notes.append(f"query sets cut from {config.query_size} to {fit} images per strategy to fit in this device's "
+                     "free memory")
+        return fit
+    return config.query_size
 
 
 def _membership_models(model: nn.Module, sets: _Sets, holdout_x, holdout_y, config: LTUConfig,

@@ -44,6 +44,7 @@ from .errors import NumericalError, UsageError
 from .evaluate import accuracy, predict
 from .goals import Goal, goal_named
 from .index import RetainedIndex
+from .memory import rows_that_fit
 from .objectives import objective_loss
 from .projection import GradientProjector
 from .unlearn import ImageSet, UnlearnResult
@@ -141,19 +142,24 @@ def _train_frozen_norms(model: nn.Module) -> None:
 
 
 def _epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, projector: GradientProjector, lr: float,
-           goal: Goal, config: PGUConfig) -> list[float]:
-    """One pass over the forget images in batches, one projected SGD step each; the losses."""
+           goal: Goal, config: PGUConfig, rows: int) -> list[float]:
+    """One pass over the forget images in batches, one projected SGD step each; the losses.
+    ``rows``: most images one forward and backward pass may take (a batch above it accumulates
+    its parts' gradients, weighted by their share: every objective here is a mean over images)."""
     _train_frozen_norms(model)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
     for xb, yb in zip(x.split(config.batch_size), y.split(config.batch_size)):
         model.zero_grad(set_to_none=True)
-        logits = model(xb)
-        loss = pgu_objective(logits, yb, config) if config.objective == "pgu" else \
-            objective_loss(logits, yb, goal, config.objective, config.margin)
-        if not torch.isfinite(loss):
-            raise NumericalError(f"PGU's loss became {loss.item()}; nothing is written")
-        loss.backward()
+        loss = 0.0
+        for xp, yp in zip(xb.split(rows), yb.split(rows)):
+            logits = model(xp)
+            part = pgu_objective(logits, yp, config) if config.objective == "pgu" else \
+                objective_loss(logits, yp, goal, config.objective, config.margin)
+            if not torch.isfinite(part):
+                raise NumericalError(f"PGU's loss became {part.item()}; nothing is written")
+            (part * (len(xp) / len(xb))).backward()
+            loss += part.item() * len(xp) / len(xb)
         with torch.no_grad():
             if config.weight_decay:  # the code adds it before projecting
                 for p in params:
@@ -163,7 +169,7 @@ def _epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, projector: Gradie
             for p in params:
                 if p.grad is not None:
                     p.sub_(p.grad, alpha=lr)
-        losses.append(loss.item())
+        losses.append(loss)
     model.zero_grad(set_to_none=True)
     return losses
 
@@ -202,7 +208,11 @@ def pgu_unlearn(model: nn.Module, forget_x: torch.Tensor, forget_y: torch.Tensor
         notes.append("no held-out images for PGU's stop rule (forget accuracy below held-out accuracy): "
                      "stopped when every forget image met the goal")
     t1 = time.perf_counter()
-    run = _Run(model, x, y, goal, heldout, device)
+    batch = min(config.batch_size, len(x))
+    rows = rows_that_fit(model, tuple(x.shape[1:]), x.device, batch, floor=1)
+    if rows < batch:
+        notes.append(f"each PGU batch of {batch} images ran in passes of {rows} to fit in this device's free memory")
+    run = _Run(model, x, y, goal, heldout, device, rows)
     was_training = model.training
     progress.start("pgu", config.epochs, unit="epochs")
     try:
@@ -228,6 +238,7 @@ class _Run:
     goal: Goal
     heldout: tuple[torch.Tensor, torch.Tensor] | None
     device: torch.device | str
+    rows: int  # most images per forward and backward pass (free memory)
     steps: int = 0
     epochs: int = 0
     losses: list[float] = field(default_factory=list)
@@ -254,7 +265,8 @@ def _loop(run: _Run, projector: GradientProjector, config: PGUConfig, stop: str,
     for epoch in range(1, config.epochs + 1):
         if stop == "gap":
             run.previous = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-        losses = _epoch(run.model, run.x, run.y, projector, config.start_lr * alpha ** epoch, run.goal, config)
+        losses = _epoch(run.model, run.x, run.y, projector, config.start_lr * alpha ** epoch, run.goal, config,
+                        run.rows)
         run.losses += losses
         run.steps += len(losses)
         run.epochs = epoch

@@ -163,3 +163,19 @@ def test_ltu_needs_retain_images(trained, data):
     x, y = data
     with pytest.raises(UsageError, match="retain images"):
         ltu_unlearn(copy.deepcopy(trained), x[:2], y[:2], x[:0], y[:0], goal="forget")
+
+
+def test_query_sets_shrink_to_the_free_memory_and_a_step_that_cannot_fit_is_refused(trained, data, monkeypatch):
+    from l2ul_cli import memory
+
+    x, y = data
+    per = memory.saved_bytes_per_image(trained, (1, 16, 16), torch.device("cpu"))
+    # Room for 2 × 4 support rows and 3 strategies × 10 query rows.
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int((8 + 30) * per / memory.SHARE) + per // 2)
+    config = LTUConfig(max_steps=2, support_size=4, query_size=32, mia_features=(), seed=0)
+    result = ltu_unlearn(copy.deepcopy(trained), x[:4], y[:4], x[100:400], y[100:400], goal="forget", config=config)
+    assert any("query sets cut from 32 to 10 images per strategy" in n for n in result.notes), result.notes
+    assert result.steps == 2
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 4 * per)
+    with pytest.raises(UsageError, match="does not fit in this device's free memory"):
+        ltu_unlearn(copy.deepcopy(trained), x[:4], y[:4], x[100:400], y[100:400], goal="forget", config=config)

@@ -94,3 +94,27 @@ def test_pgu_objective_is_the_codes():
     label = -torch.log(1 - (p[torch.arange(2), labels] - 0.05)).mean()
     entropy = -(p * torch.log(p)).sum(1).mean()
     assert float(pgu_objective(logits, labels, PGUConfig())) == pytest.approx(float(label - 0.2 * entropy), rel=1e-5)
+
+
+def test_a_batch_that_does_not_fit_in_memory_runs_in_parts_with_the_same_steps(setup, monkeypatch):
+    """A PGU batch larger than the free memory holds accumulates its parts' gradients: the same
+    step as one pass, up to summation order."""
+    from l2ul_cli import memory
+
+    model = setup[0]
+    config = PGUConfig(objective="margin", stop="goal", start_lr=0.1, end_lr=0.02, gamma=0.97, epochs=2)
+    whole_model = copy.deepcopy(model)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 10 ** 12)
+    whole = pgu_unlearn(whole_model, setup[1][FORGET_IDX], setup[2][FORGET_IDX], setup[3], goal="forget", config=config)
+    per = memory.saved_bytes_per_image(model, (1, 16, 16), torch.device("cpu"))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(3 * per / memory.SHARE))
+    split_model = copy.deepcopy(model)
+    split = pgu_unlearn(split_model, setup[1][FORGET_IDX], setup[2][FORGET_IDX], setup[3], goal="forget", config=config)
+    assert not any("passes" in n for n in whole.notes)
+    assert any("batch of 8 images ran in passes of 3" in n for n in split.notes), split.notes
+    assert split.steps == whole.steps > 0
+    assert split.loss_history == pytest.approx(whole.loss_history, rel=1e-4)
+    moved = max((a - b).abs().max().item() for a, b in zip(whole_model.parameters(), model.parameters()))
+    assert moved > 1e-4  # the steps did something to compare
+    for a, b in zip(split_model.parameters(), whole_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
