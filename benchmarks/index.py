@@ -115,20 +115,25 @@ def main() -> None:
         rest = rest[~torch.isin(rest, forget_all)][:max(0, args.train_images - len(forget_all))]
         train = write_pngs(ev, torch.cat([forget_all, rest]), work / "train")
         holdout = write_test_pngs(ev, args.holdout, work / "holdout")
-        built = {"stand-ins": make_index(ckpt, work / "standins.index.safetensors", stand_ins=args.stand_ins,
-                                         device=str(dev)),
-                 "train": make_index(ckpt, work / "train.index.safetensors", retain=[train], device=str(dev))}
-        print({n: (b["source"], b["seconds"]) for n, b in built.items()}, flush=True)
+        n_train = len(forget_all) + len(rest)
+        # Each variant names the index it needs ("stand-ins", "train" or none); "index" becomes its path.
         variants = {
             "l2ul, stand-ins (no index)": {},
-            f"l2ul, index of {args.stand_ins} stand-ins": {"index": built["stand-ins"]["output"]},
-            f"l2ul, index of {built['train']['images']} training images": {"index": built["train"]["output"]},
-            "pgu (its stop rule, --holdout)": {"method": "pgu", "index": built["train"]["output"], "holdout": holdout},
-            "pgu, --pgu-stop goal": {"method": "pgu", "index": built["train"]["output"],
-                                     "unlearn_overrides": {"pgu_stop": "goal"}},
+            f"l2ul, index of {args.stand_ins} stand-ins": {"index": "stand-ins"},
+            f"l2ul, index of {n_train} training images": {"index": "train"},
+            "pgu (its stop rule, --holdout)": {"method": "pgu", "index": "train", "holdout": holdout},
+            "pgu, --pgu-stop goal": {"method": "pgu", "index": "train", "unlearn_overrides": {"pgu_stop": "goal"}},
             **{f"l2ul, stand-ins, retain energy {e}": {"unlearn_overrides": {"retain_energy": e}} for e in args.energies},
         }
         variants = {n: kw for n, kw in variants.items() if not args.only or any(o in n for o in args.only)}
+        makers = {"stand-ins": lambda: make_index(ckpt, work / "standins.index.safetensors", stand_ins=args.stand_ins,
+                                                  device=str(dev)),
+                  "train": lambda: make_index(ckpt, work / "train.index.safetensors", retain=[train], device=str(dev))}
+        built = {n: make() for n, make in makers.items() if any(kw.get("index") == n for kw in variants.values())}
+        print({n: (b["source"], b["seconds"]) for n, b in built.items()}, flush=True)
+        for kw in variants.values():
+            if "index" in kw:
+                kw["index"] = built[kw["index"]]["output"]
         cells: dict[tuple[str, int], list[dict]] = {}
         for (k, s), idx in draws.items():
             folder = write_pngs(ev, idx, work / f"forget-{k}-{s}")
@@ -143,9 +148,10 @@ def main() -> None:
     lines = [f"## Index once, forget many · {args.arch} · {device_name(dev)}", "",
              f"Command: `python benchmarks/index.py {' '.join(sys.argv[1:])}`. Requests through the request API "
              f"(PNG folders) on the benchmark's model ({epochs} epochs); draws 0–{args.seeds - 1} of quality.py. "
-             "Index builds (one-off): " + "; ".join(f"{b['source']}: {sum(b['seconds'].values()):.1f} s "
-                                                   f"({b['directions']:,} of {b['dimensions']:,} directions, "
-                                                   f"{b['bytes'] / 2**20:.1f} MiB)" for b in built.values()) + ".", "",
+             + ("Index builds (one-off): " + "; ".join(f"{b['source']}: {sum(b['seconds'].values()):.1f} s "
+                                                    f"({b['directions']:,} of {b['dimensions']:,} directions, "
+                                                    f"{b['bytes'] / 2**20:.1f} MiB)" for b in built.values()) + "."
+              if built else "No index built (no variant run uses one)."), "",
              "| variant | k | D_f | D_r | D_test | MIA AUC | steps | goal met | s end to end | no-index ÷ this | s per phase |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in args.ks:
