@@ -46,6 +46,20 @@ def saved_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device
     """
     forward = forward or model
     counts = []
+    # A model in train mode would fold the random batches into its BatchNorm running statistics.
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        _count_saved(forward, image_shape, device, autocast_dtype, counts)
+    finally:
+        with torch.no_grad():
+            for b, kept in buffers:
+                b.copy_(kept)
+    return max(counts[1] - counts[0], 1)
+
+
+def _count_saved(forward, image_shape: tuple[int, ...], device: torch.device, autocast_dtype: torch.dtype | None,
+                 counts: list[int]) -> None:
+    """Append the bytes saved for backward by ``forward`` on batches of one and of two images."""
     for n in (1, 2):
         total = 0
 
@@ -59,7 +73,6 @@ def saved_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
             forward(x)
         counts.append(total)
-    return max(counts[1] - counts[0], 1)
 
 
 def rows_that_fit(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, cap: int,

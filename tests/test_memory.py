@@ -165,3 +165,12 @@ def test_attack_chunks_shrink_to_the_free_memory(monkeypatch):
     assert run(batch_size=10) == [10, 10]  # an explicit chunk size is kept
     monkeypatch.setattr(memory, "free_bytes", lambda device: 10 ** 12)
     assert run() == [20]
+
+
+def test_measuring_a_model_in_train_mode_leaves_its_batchnorm_statistics_alone():
+    net = _net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert memory.saved_bytes_per_image(net, (1, 10, 10), torch.device("cpu")) > 0
+    assert net.training  # the mode is the caller's
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
