@@ -400,24 +400,21 @@ def ltu_unlearn(
 
 def _queries_that_fit(model: nn.Module, sets: _Sets, config: LTUConfig, device, notes: list[str]) -> int:
     """Query images per strategy that a meta-step's graph leaves room for in the free memory
-    (SHARE of it, as every batch of the tool). An estimate: the support's forward is counted twice
-    (its gradient is differentiated again), each query image once, at the bytes per image the
-    model keeps for a first-order backward pass."""
-    free = memory.free_bytes(torch.device(device))
-    if free is None:
-        return config.query_size
-    per = memory.saved_bytes_per_image(model, tuple(sets.forget.shape[1:]), torch.device(device))
-    budget, support = int(free * memory.SHARE) // per, min(config.support_size, len(sets.forget))
-    fit = (budget - 2 * support) // len(config.strategies)
+    (:func:`.memory.rows_that_fit`). An estimate: the support's forward is counted twice (its
+    gradient is differentiated again), each query image once, at the bytes per image the model
+    keeps for a first-order backward pass."""
+    support, sets_per_step = min(config.support_size, len(sets.forget)), len(config.strategies)
+    wanted = 2 * support + sets_per_step * config.query_size
+    budget = memory.rows_that_fit(model, tuple(sets.forget.shape[1:]), torch.device(device), wanted, floor=0)
+    fit = (budget - 2 * support) // sets_per_step
     if fit < 1:
-        raise UsageError(f"an LTU step ({support} support images, twice, and {len(config.strategies)} query sets) does "
+        raise UsageError(f"an LTU step ({support} support images, twice, and {sets_per_step} query sets) does "
                          f"not fit in this device's free memory ({budget} images' activations do); run it on a device "
                          "with more memory or at a smaller input size")
     if fit < config.query_size:
         notes.append(f"query sets cut from {config.query_size} to {fit} images per strategy to fit in this device's "
                      "free memory")
-        return fit
-    return config.query_size
+    return min(fit, config.query_size)
 
 
 def _membership_models(model: nn.Module, sets: _Sets, holdout_x, holdout_y, config: LTUConfig,

@@ -44,12 +44,10 @@ def saved_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device
     what does not grow with the batch (weights, their reduced-precision copies). ``forward``
     (default: the model's) may add the caller's own hooks' tensors.
     """
-    forward = forward or model
-    counts = []
     # A model in train mode would fold the random batches into its BatchNorm running statistics.
     buffers = [(b, b.clone()) for b in model.buffers()]
     try:
-        _count_saved(forward, image_shape, device, autocast_dtype, counts)
+        counts = _count_saved(forward or model, image_shape, device, autocast_dtype)
     finally:
         with torch.no_grad():
             for b, kept in buffers:
@@ -57,9 +55,10 @@ def saved_bytes_per_image(model: nn.Module, image_shape: tuple[int, ...], device
     return max(counts[1] - counts[0], 1)
 
 
-def _count_saved(forward, image_shape: tuple[int, ...], device: torch.device, autocast_dtype: torch.dtype | None,
-                 counts: list[int]) -> None:
-    """Append the bytes saved for backward by ``forward`` on batches of one and of two images."""
+def _count_saved(forward, image_shape: tuple[int, ...], device: torch.device,
+                 autocast_dtype: torch.dtype | None) -> list[int]:
+    """The bytes saved for backward by ``forward`` on a batch of one image and on one of two."""
+    counts = []
     for n in (1, 2):
         total = 0
 
@@ -73,6 +72,7 @@ def _count_saved(forward, image_shape: tuple[int, ...], device: torch.device, au
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
             forward(x)
         counts.append(total)
+    return counts
 
 
 def rows_that_fit(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, cap: int,
