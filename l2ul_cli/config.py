@@ -229,6 +229,17 @@ METHODS: dict[str, dict[str, Any]] = {
 # Methods that are algorithms of their own rather than compositions of the core's parts, and the
 # settings each takes (any other is refused, not ignored); settings only one method takes.
 SEPARATE_METHODS = ("ltu", "pgu")
+# The methods that serve each goal (goals.py's records take theirs from here), and other choices
+# the CLI declares: kept here, with no torch import, so `l2ul --help` and shell completion start fast.
+GOAL_METHODS: dict[str, tuple[str, ...]] = {"forget": ("neggrad", "adv", "adv+imp", "l2ul", "ltu", "pgu"),
+                                            "relabel": ("correct", "adv", "adv+imp", "l2ul")}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+WEIGHT_CHOICES: tuple[str, ...] = ("auto", "model", "ema")
+# The index keeps vectors up to this share of each layer's trace: a request's projection (0.995 by
+# default, PGU's γ) stays inside it, and subtracting forget images stays within 3e-5 of rebuilding
+# without them (benchmarks/RESULTS.md, "The retained-space index").
+INDEX_ENERGY = 0.9999
+INDEX_STAND_INS = 512  # the most a request makes (synthetic_retain_max)
 METHOD_FIELDS: dict[str, set[str]] = {"ltu": {"lr", "max_steps", "retain_fraction"}, "pgu": {"gamma", "pgu_stop"}}
 OWNED_FIELDS = {"retain_fraction": "ltu", "gamma": "pgu", "pgu_stop": "pgu"}
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import GOAL_METHODS
+
 
 @dataclass(frozen=True)
 class Goal:
@@ -77,9 +79,9 @@ class LossTargetGoal(Goal):
 
 
 FORGET = Goal("forget", True, "forget_accuracy", "accuracy on the forget images", "still correct",
-              ("neggrad", "adv", "adv+imp", "l2ul", "ltu", "pgu"))
+              GOAL_METHODS["forget"])
 RELABEL = Goal("relabel", False, "relabel_accuracy", "images predicted as their new label", "relabelled",
-               ("correct", "adv", "adv+imp", "l2ul"))
+               GOAL_METHODS["relabel"])
 GOALS: dict[str, Goal] = {g.name: g for g in (FORGET, RELABEL)}
 # A forget request with --objective indistinguishable: the command stays "forget".
 INDISTINGUISHABLE = LossTargetGoal("forget", True, "indistinguishable_share", "images whose loss looks held-out",

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from .anchors import NullProgress, Progress
-from .config import UnlearnConfig
+from .config import INDEX_ENERGY, INDEX_STAND_INS, UnlearnConfig
 from .data import iter_batches
 from .errors import UsageError
 from .index import build_index, save_index
@@ -22,16 +22,11 @@ from .paths import check_paths
 from .precision import choose
 from .threads import Threads, use_threads
 
-# Vectors up to this share of each layer's trace: a request's projection (0.995 by default, PGU's
-# γ) stays inside it, and subtracting forget images stays within 3e-5 of rebuilding without
-# them (benchmarks/RESULTS.md, "The retained-space index").
-DEFAULT_ENERGY = 0.9999
-DEFAULT_STAND_INS = 512  # the most a request makes (config's synthetic_retain_max)
 PROBE_BYTES = 16 << 20  # of probe images kept in the index for the health check, at most 256
 
 
 def make_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, retain: Sequence[str | os.PathLike] = (),
-               stand_ins: int | None = None, max_images: int | None = None, energy: float = DEFAULT_ENERGY,
+               stand_ins: int | None = None, max_images: int | None = None, energy: float = INDEX_ENERGY,
                device: str = "auto", seed: int = 0, force: bool = False, progress: Progress | None = None,
                threads: Threads | None = None, **load_kw: Any) -> dict[str, Any]:
     """Build and write the index of ``checkpoint``; returns the report dict. ``load_kw``: as
@@ -54,7 +49,7 @@ def make_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, retain:
     if retain:
         batches, n, source = _retained(loaded, retain, max_images, seed)
     else:
-        batches, n, source = _stand_ins(loaded, stand_ins or DEFAULT_STAND_INS, seed, dev, progress)
+        batches, n, source = _stand_ins(loaded, stand_ins or INDEX_STAND_INS, seed, dev, progress)
         seconds["synthesis"] = time.perf_counter() - t0
     probes: list[torch.Tensor] = []
     index = build_index(loaded.model, _keeping_probes(batches, probes, _probe_count(loaded), dev), energy=energy,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import INTERPOLATIONS
 from .checkpoint import FORBIDDEN_MODEL_ARGS, RawCheckpoint, read_checkpoint
 from .pickled import Weights
 from .errors import CheckpointError, UsageError
@@ -31,8 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # crafted checkpoint plan images of gigabytes each.
 MAX_SIDE = 4096
 MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 2.0
-# The names timm's transforms take (timm.data.transforms.str_to_interp_mode; crop_mode of transforms_imagenet_eval).
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# INTERPOLATIONS (config.py): the names timm's transforms take (timm.data.transforms.str_to_interp_mode).
 CROP_MODES = ("center", "squash", "border")
 MAX_STATS = 16  # values of mean/std (channels)
 

@@ -14,11 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, List, Optional
 
-from .config import SEPARATE_METHODS, AttackConfig, UnlearnConfig, cli_fields, default_text
-from .goals import GOALS
-from .make_index import DEFAULT_ENERGY, DEFAULT_STAND_INS
-from .models import INTERPOLATIONS
-from .pickled import WEIGHT_CHOICES
+from .config import (GOAL_METHODS, INDEX_ENERGY, INDEX_STAND_INS, INTERPOLATIONS, SEPARATE_METHODS, WEIGHT_CHOICES,
+                     AttackConfig, UnlearnConfig, cli_fields, default_text)
 
 RUN = ("forget", "relabel")
 ALL = ("forget", "relabel", "eval")
@@ -131,10 +128,10 @@ INDEX: tuple[Opt, ...] = (
         "or CSV, labels not needed; repeatable). Without it: stand-ins from BatchNorm statistics.",
         panel="Retention", commands=("index",)),
     Opt("stand_ins", ("--stand-ins",), Optional[int], None, "Without --retain: how many stand-in images to make.",
-        panel="Retention", commands=("index",), default_help=str(DEFAULT_STAND_INS)),
+        panel="Retention", commands=("index",), default_help=str(INDEX_STAND_INS)),
     Opt("max_images", ("--max-images",), Optional[int], None, "At most this many --retain images (a seeded subset).",
         panel="Retention", commands=("index",)),
-    Opt("energy", ("--energy",), float, DEFAULT_ENERGY, "Share of each layer's input energy whose directions the "
+    Opt("energy", ("--energy",), float, INDEX_ENERGY, "Share of each layer's input energy whose directions the "
         "index keeps; a request's projection must stay within it.", panel="Retention", commands=("index",)),
     Opt("seed", ("--seed",), int, 0, "Seed of the stand-ins and of the --max-images subset.", panel="Method",
         commands=("index",)),
@@ -169,14 +166,14 @@ def for_command(command: str) -> list[Opt]:
     from .config import PANELS
 
     mine = [o for o in (*REQUEST, *CONFIG) if command in o.commands]
-    if command in GOALS:
+    if command in GOAL_METHODS:
         mine = [_for_goal(o, command) for o in mine]
     return sorted(mine, key=lambda o: PANELS.index(o.panel))
 
 
 def _for_goal(opt: Opt, goal: str) -> Opt:
     """The method choices of ``goal``, and the loop's defaults as its methods' presets give them."""
-    methods = GOALS[goal].methods
+    methods = GOAL_METHODS[goal]
     if opt.name == "method":
         paper = [m for m in methods if m not in ("l2ul", *SEPARATE_METHODS)]
         others = [m for m in methods if m in SEPARATE_METHODS]

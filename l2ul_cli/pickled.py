@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import torch
 
+from .config import WEIGHT_CHOICES
 from .errors import CheckpointError, first_line
 
 Weights = Literal["auto", "model", "ema"]
-WEIGHT_CHOICES: tuple[str, ...] = ("auto", "model", "ema")
 MODEL_KEYS = ("state_dict", "model")
 EMA_KEYS = ("state_dict_ema", "model_ema")
 _EMA_COUNTERS = ("n_averaged",)  # torch.optim.swa_utils.AveragedModel's step count, not a weight

@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .files import atomic_write
-from .goals import GOALS
 from .health import describe
 
 # The report's keys for the images the projection holds, and how the output names them.
@@ -57,6 +56,8 @@ def _wrote(paths: Sequence[str], console: Console) -> None:
 
 def render_run(report: dict[str, Any], console: Console, wrote: Sequence[str] = ()) -> None:
     """Terminal summary of ``forget`` / ``relabel``; ``wrote``: the files written, checkpoint first."""
+    from .goals import GOALS  # torch: not imported for `--help` (config.GOAL_METHODS)
+
     cmd = report["command"]
     goal = GOALS[cmd]
     key, label = goal.report_key, goal.label
@@ -152,6 +153,8 @@ def render_history(report: dict[str, Any], console: Console) -> None:
     t = Table(title=f"ledger of {report['checkpoint']}", header_style="bold")
     for col in ("#", "request", "time (UTC)", "command", "method", "images", "goal met", "before → after"):
         t.add_column(col)
+    from .goals import GOALS
+
     for i, e in enumerate(ledger, 1):
         key = GOALS[e["command"]].report_key if e.get("command") in GOALS else "forget_accuracy"
         change = f"{_pct(e.get('before', {}).get(key))} → {_pct(e.get('after', {}).get(key))}"

@@ -13,8 +13,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import torch
-
 from .errors import UsageError
 
 
@@ -57,6 +55,8 @@ def choose_threads(requested: int | None = None, *, cores: int | None = None, lo
 
 def use_threads(threads: Threads | None) -> dict[str, object]:
     """Set ``threads`` for this process (None: leave the caller's count); the report's entry."""
+    import torch  # here, not at the top: `l2ul --help` and completion need no torch
+
     if threads is None:
         return {"n": torch.get_num_threads(), "reason": "as the caller set it"}
     torch.set_num_threads(threads.n)

@@ -18,8 +18,14 @@ needs_fmnist = pytest.mark.skipif(not (fashion_mnist_root() / "t10k-labels-idx1-
 TINY = ["--device", "cpu", "--arch", "test_resnet", "--epochs", "1", "--train-subset", "1024", "--no-write"]
 
 
-def _run(script: str, *args: str, tmp_path: Path) -> str:
-    env = {**os.environ, "L2UL_BENCH_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory) -> Path:
+    """One cache for the smokes: the tiny model is trained once (same recipe, same key), not per script."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def _run(script: str, *args: str, cache: Path) -> str:
+    env = {**os.environ, "L2UL_BENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "L2UL_BENCH_EVAL_IMAGES": "1500"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY, *args],
                        capture_output=True, text=True, env=env, timeout=600)
@@ -28,10 +34,10 @@ def _run(script: str, *args: str, tmp_path: Path) -> str:
 
 
 @needs_fmnist
-def test_quality_benchmark_smoke(tmp_path):
+def test_quality_benchmark_smoke(bench_cache):
     out = _run("quality.py", "--ks", "2", "--seeds", "1", "--n-adv", "2", "--attack-steps", "3",
                "--forget-methods", "neggrad", "l2ul", "--relabel-methods", "l2ul", "--continual-total", "16",
-               "--set", "synthetic_retain=16", "synthetic_steps=3", tmp_path=tmp_path)
+               "--set", "synthetic_retain=16", "synthetic_steps=3", cache=bench_cache)
     assert "| BEFORE |" in out and "| l2ul | 2 |" in out and "oracle (uses D_r)" in out
     assert "continual" in out and "passed with --keep" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| l2ul | 8 |") or line.startswith("| l2ul | 16 |")]
@@ -43,9 +49,9 @@ def test_quality_benchmark_smoke(tmp_path):
 
 
 @needs_fmnist
-def test_speed_benchmark_smoke(tmp_path):
+def test_speed_benchmark_smoke(bench_cache):
     out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3", "--reference-copies", "3",
-               "--set", "synthetic_retain=16", "synthetic_steps=3", "--attack-variants", "fp32", "bf16", tmp_path=tmp_path)
+               "--set", "synthetic_retain=16", "synthetic_steps=3", "--attack-variants", "fp32", "bf16", cache=bench_cache)
     assert "image-passes/s" in out and "reference-style" in out and "stand-ins s" in out and "D_test after" in out
     assert "timed on its first 3 copies and scaled to all" in out
     assert "| eager fp32 |" in out and "| eager bf16 autocast |" in out
@@ -80,9 +86,9 @@ def test_collateral_script_smoke():
 
 
 @needs_fmnist
-def test_reference_benchmark_smoke(tmp_path):
+def test_reference_benchmark_smoke(bench_cache):
     out = _run("reference.py", "--ks", "2", "--seeds", "2", "--n-adv", "2", "--attack-steps", "3",
-               "--methods", "neggrad", "adv+imp[bn=eval]", tmp_path=tmp_path)
+               "--methods", "neggrad", "adv+imp[bn=eval]", cache=bench_cache)
     assert "| BEFORE |" in out and "official D_test" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| neggrad | 2 |", "| adv+imp[bn=eval] | 2 |"))]
     assert len(rows) == 2 and all(r[8].count("/") == 1 for r in rows)  # goal met n/2, with the spread over 2 seeds
@@ -90,9 +96,9 @@ def test_reference_benchmark_smoke(tmp_path):
 
 
 @needs_fmnist
-def test_index_benchmark_smoke(tmp_path):
+def test_index_benchmark_smoke(bench_cache):
     out = _run("index.py", "--ks", "2", "--seeds", "1", "--train-images", "64", "--stand-ins", "16", "--holdout", "50",
-               "--quick", tmp_path=tmp_path)
+               "--quick", cache=bench_cache)
     assert "Index builds (one-off)" in out and "16 stand-in images from BatchNorm statistics" in out
     names = ["l2ul, stand-ins (no index)", "l2ul, index of 16 stand-ins", "l2ul, index of 64 training images",
              "pgu (its stop rule, --holdout)", "pgu, --pgu-stop goal"]
@@ -101,17 +107,17 @@ def test_index_benchmark_smoke(tmp_path):
 
 
 @needs_fmnist
-def test_gold_benchmark_smoke(tmp_path):
+def test_gold_benchmark_smoke(bench_cache):
     ltu = "ltu:misclassify:retain_fraction=0.05"  # given the remaining training images as --retain
     out = _run("gold.py", "--ks", "2", "--seeds", "2", "--quick", "--variants", "l2ul:misclassify",
-               "l2ul:indistinguishable", ltu, tmp_path=tmp_path)
+               "l2ul:indistinguishable", ltu, cache=bench_cache)
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|") for line in out.splitlines()
             if line.startswith("| ") and "---" not in line and "variant" not in line}
     names = ["retrained", "original", "l2ul:misclassify", "l2ul:indistinguishable", ltu]
     assert all((n, "2") in rows for n in names)
     assert rows[("retrained", "2")][9].strip() == "0.00 ± 0.00"  # its own gap
     assert all(float(rows[(n, "2")][9].split("±")[0]) >= 0 for n in names)
-    assert len(list(tmp_path.glob("fmnist-test_resnet-wo*.safetensors"))) == 2  # one retrained model per draw
+    assert len(list(bench_cache.glob("fmnist-test_resnet-wo*.safetensors"))) == 2  # one retrained model per draw
 
 
 def test_weight_space_leak_is_none_for_weights_on_the_inputs_and_large_for_random_ones():
