@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .errors import UsageError
 
@@ -233,13 +233,15 @@ SEPARATE_METHODS = ("ltu", "pgu")
 # the CLI declares: kept here, with no torch import, so `l2ul --help` and shell completion start fast.
 GOAL_METHODS: dict[str, tuple[str, ...]] = {"forget": ("neggrad", "adv", "adv+imp", "l2ul", "ltu", "pgu"),
                                             "relabel": ("correct", "adv", "adv+imp", "l2ul")}
+# The names timm's transforms take (timm.data.transforms.str_to_interp_mode).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-WEIGHT_CHOICES: tuple[str, ...] = ("auto", "model", "ema")
+Weights = Literal["auto", "model", "ema"]  # which of a checkpoint's weight sets (pickled.py)
+WEIGHT_CHOICES: tuple[str, ...] = get_args(Weights)
 # The index keeps vectors up to this share of each layer's trace: a request's projection (0.995 by
 # default, PGU's γ) stays inside it, and subtracting forget images stays within 3e-5 of rebuilding
 # without them (benchmarks/RESULTS.md, "The retained-space index").
 INDEX_ENERGY = 0.9999
-INDEX_STAND_INS = 512  # the most a request makes (synthetic_retain_max)
+INDEX_STAND_INS = METHODS["l2ul"]["synthetic_retain_max"]  # the most stand-ins a request makes
 METHOD_FIELDS: dict[str, set[str]] = {"ltu": {"lr", "max_steps", "retain_fraction"}, "pgu": {"gamma", "pgu_stop"}}
 OWNED_FIELDS = {"retain_fraction": "ltu", "gamma": "pgu", "pgu_stop": "pgu"}
 

@@ -32,7 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # crafted checkpoint plan images of gigabytes each.
 MAX_SIDE = 4096
 MIN_CROP_PCT, MAX_CROP_PCT = 0.25, 2.0
-# INTERPOLATIONS (config.py): the names timm's transforms take (timm.data.transforms.str_to_interp_mode).
+# The crop modes of timm's transforms_imagenet_eval (INTERPOLATIONS, its interpolations: config.py).
 CROP_MODES = ("center", "squash", "border")
 MAX_STATS = 16  # values of mean/std (channels)
 

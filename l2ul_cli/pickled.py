@@ -17,14 +17,13 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from .config import WEIGHT_CHOICES
+from .config import WEIGHT_CHOICES, Weights
 from .errors import CheckpointError, first_line
 
-Weights = Literal["auto", "model", "ema"]
 MODEL_KEYS = ("state_dict", "model")
 EMA_KEYS = ("state_dict_ema", "model_ema")
 _EMA_COUNTERS = ("n_averaged",)  # torch.optim.swa_utils.AveragedModel's step count, not a weight

@@ -150,11 +150,11 @@ def render_history(report: dict[str, Any], console: Console) -> None:
     if not ledger:
         console.print(f"{report['checkpoint']}: no l2ul requests recorded")
         return
+    from .goals import GOALS  # torch: not imported for `--help` (config.GOAL_METHODS)
+
     t = Table(title=f"ledger of {report['checkpoint']}", header_style="bold")
     for col in ("#", "request", "time (UTC)", "command", "method", "images", "goal met", "before → after"):
         t.add_column(col)
-    from .goals import GOALS
-
     for i, e in enumerate(ledger, 1):
         key = GOALS[e["command"]].report_key if e.get("command") in GOALS else "forget_accuracy"
         change = f"{_pct(e.get('before', {}).get(key))} → {_pct(e.get('after', {}).get(key))}"
