@@ -3,16 +3,17 @@ their tables. The real figures come from running them in full (benchmarks/RESULT
 
 from __future__ import annotations
 
-import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from l2ul_cli.datasets import fashion_mnist_root
 
 ROOT = Path(__file__).parent.parent
+BENCH = ROOT / "benchmarks"
 needs_fmnist = pytest.mark.skipif(not (fashion_mnist_root() / "t10k-labels-idx1-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 TINY = ["--device", "cpu", "--arch", "test_resnet", "--epochs", "1", "--train-subset", "1024", "--no-write"]
@@ -24,18 +25,42 @@ def bench_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench-cache")
 
 
-def _run(script: str, *args: str, cache: Path) -> str:
-    env = {**os.environ, "L2UL_BENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "L2UL_BENCH_EVAL_IMAGES": "1500"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *TINY, *args],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+def _forget_benchmark_modules() -> None:
+    # common.py reads L2UL_BENCH_CACHE when imported: each run imports the scripts' modules afresh.
+    for name, mod in list(sys.modules.items()):
+        if str(getattr(mod, "__file__", None) or "").startswith(str(BENCH)):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def script(monkeypatch, capsys):
+    """Runs ``python benchmarks/SCRIPT ARGS`` in this process and returns its stdout. In-process
+    because a fresh interpreter spends 5-6 s importing torch, torchvision and timm per smoke."""
+    def run(name: str, *args: str, cache: Path | None = None) -> str:
+        if cache is not None:
+            monkeypatch.setenv("L2UL_BENCH_CACHE", str(cache))
+        monkeypatch.setenv("L2UL_BENCH_EVAL_IMAGES", "1500")
+        monkeypatch.setattr(sys, "argv", [str(BENCH / name), *args])
+        monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts put benchmarks/ first
+        _forget_benchmark_modules()
+        try:
+            runpy.run_path(str(BENCH / name), run_name="__main__")
+        except SystemExit as exc:
+            assert not exc.code, capsys.readouterr().err[-3000:]
+        finally:
+            _forget_benchmark_modules()
+            torch.set_num_threads(1)  # as conftest.py set it; two scripts set their own
+        return capsys.readouterr().out
+    return run
+
+
+def _run(script, name: str, *args: str, cache: Path) -> str:
+    return script(name, *TINY, *args, cache=cache)
 
 
 @needs_fmnist
-def test_quality_benchmark_smoke(bench_cache):
-    out = _run("quality.py", "--ks", "2", "--seeds", "1", "--n-adv", "2", "--attack-steps", "3",
+def test_quality_benchmark_smoke(script, bench_cache):
+    out = _run(script, "quality.py", "--ks", "2", "--seeds", "1", "--n-adv", "2", "--attack-steps", "3",
                "--forget-methods", "neggrad", "l2ul", "--relabel-methods", "l2ul", "--continual-total", "16",
                "--set", "synthetic_retain=16", "synthetic_steps=3", cache=bench_cache)
     assert "| BEFORE |" in out and "| l2ul | 2 |" in out and "oracle (uses D_r)" in out
@@ -49,8 +74,8 @@ def test_quality_benchmark_smoke(bench_cache):
 
 
 @needs_fmnist
-def test_speed_benchmark_smoke(bench_cache):
-    out = _run("speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3", "--reference-copies", "3",
+def test_speed_benchmark_smoke(script, bench_cache):
+    out = _run(script, "speed.py", "--ks", "2", "--n-adv", "2", "--attack-steps", "3", "--max-steps", "3", "--reference-copies", "3",
                "--set", "synthetic_retain=16", "synthetic_steps=3", "--attack-variants", "fp32", "bf16", cache=bench_cache)
     assert "image-passes/s" in out and "reference-style" in out and "stand-ins s" in out and "D_test after" in out
     assert "timed on its first 3 copies and scaled to all" in out
@@ -58,14 +83,11 @@ def test_speed_benchmark_smoke(bench_cache):
 
 
 @needs_fmnist
-def test_variants_script_smoke():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), str(ROOT / "examples" / "fashion-mnist-lcnet_050.safetensors"),
-                        "synthetic_steps=2", "method=adv,lr=1e-4", "eps_at_28x28=0.5,shift_copies=2,synthetic_retain=0",
-                        "real_retain=1,synthetic_retain=0", "--k", "2", "--n-adv", "2", "--attack-steps", "2", "--retain", "50"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+def test_variants_script_smoke(script):
+    out = script("variants.py", str(ROOT / "examples" / "fashion-mnist-lcnet_050.safetensors"),
+                 "synthetic_steps=2", "method=adv,lr=1e-4", "eps_at_28x28=0.5,shift_copies=2,synthetic_retain=0",
+                 "real_retain=1,synthetic_retain=0", "--k", "2", "--n-adv", "2", "--attack-steps", "2", "--retain", "50")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [row.split(" | ")[0] for row in rows] == ["| synthetic_steps=2", "| method=adv,lr=1e-4",
                                                      "| eps_at_28x28=0.5,shift_copies=2,synthetic_retain=0",
                                                      "| real_retain=1,synthetic_retain=0"]
@@ -73,21 +95,19 @@ def test_variants_script_smoke():
 
 
 @needs_fmnist
-def test_collateral_script_smoke():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collateral.py"), str(ROOT / "examples" / "fashion-mnist-lcnet_050.safetensors"),
-                        "--k", "4", "--n-adv", "2", "--attack-steps", "2", "--synthetic-retain", "0", "--max-steps", "20",
-                        "--test-subset", "300", "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+def test_collateral_script_smoke(script):
+    out = script("collateral.py", str(ROOT / "examples" / "fashion-mnist-lcnet_050.safetensors"),
+                 "--k", "4", "--n-adv", "2", "--attack-steps", "2", "--synthetic-retain", "0", "--max-steps", "20",
+                 "--test-subset", "300", "--threads", "1")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     classes = rows[1:11]
     assert len(classes) == 10 and sum(int(row[1]) for row in classes) == 4  # every forget image in its class row
     assert rows[-2][0] == "| right -> wrong" and rows[-1][0] == "| all right before"
 
 
 @needs_fmnist
-def test_reference_benchmark_smoke(bench_cache):
-    out = _run("reference.py", "--ks", "2", "--seeds", "2", "--n-adv", "2", "--attack-steps", "3",
+def test_reference_benchmark_smoke(script, bench_cache):
+    out = _run(script, "reference.py", "--ks", "2", "--seeds", "2", "--n-adv", "2", "--attack-steps", "3",
                "--methods", "neggrad", "adv+imp[bn=eval]", cache=bench_cache)
     assert "| BEFORE |" in out and "official D_test" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| neggrad | 2 |", "| adv+imp[bn=eval] | 2 |"))]
@@ -96,8 +116,8 @@ def test_reference_benchmark_smoke(bench_cache):
 
 
 @needs_fmnist
-def test_index_benchmark_smoke(bench_cache):
-    out = _run("index.py", "--ks", "2", "--seeds", "1", "--train-images", "64", "--stand-ins", "16", "--holdout", "50",
+def test_index_benchmark_smoke(script, bench_cache):
+    out = _run(script, "index.py", "--ks", "2", "--seeds", "1", "--train-images", "64", "--stand-ins", "16", "--holdout", "50",
                "--quick", cache=bench_cache)
     assert "Index builds (one-off)" in out and "16 stand-in images from BatchNorm statistics" in out
     names = ["l2ul, stand-ins (no index)", "l2ul, index of 16 stand-ins", "l2ul, index of 64 training images",
@@ -107,9 +127,9 @@ def test_index_benchmark_smoke(bench_cache):
 
 
 @needs_fmnist
-def test_gold_benchmark_smoke(bench_cache):
+def test_gold_benchmark_smoke(script, bench_cache):
     ltu = "ltu:misclassify:retain_fraction=0.05"  # given the remaining training images as --retain
-    out = _run("gold.py", "--ks", "2", "--seeds", "2", "--quick", "--variants", "l2ul:misclassify",
+    out = _run(script, "gold.py", "--ks", "2", "--seeds", "2", "--quick", "--variants", "l2ul:misclassify",
                "l2ul:indistinguishable", ltu, cache=bench_cache)
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|") for line in out.splitlines()
             if line.startswith("| ") and "---" not in line and "variant" not in line}
@@ -120,12 +140,10 @@ def test_gold_benchmark_smoke(bench_cache):
     assert len(list(bench_cache.glob("fmnist-test_resnet-wo*.safetensors"))) == 2  # one retrained model per draw
 
 
-def test_weight_space_leak_is_none_for_weights_on_the_inputs_and_large_for_random_ones():
+def test_weight_space_leak_is_none_for_weights_on_the_inputs_and_large_for_random_ones(monkeypatch):
     """benchmarks/weight_space.py: weights whose rows span the inputs' subspace leave none of the
     inputs' energy outside their top directions; random weights leave about 1 - rank / dims."""
-    import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCH))
     from weight_space import leaks
 
     from l2ul_cli.index import build_index
@@ -145,12 +163,9 @@ def test_weight_space_leak_is_none_for_weights_on_the_inputs_and_large_for_rando
 
 
 @needs_fmnist
-def test_speed224_benchmark_smoke():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed224.py"), "--device", "cpu", "--arch", "test_resnet",
-                        "--size", "32", "--k", "2", "--max-steps", "2", "--update-steps", "10", "--no-write"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = {line.split(" | ")[0].strip("| *"): line for line in r.stdout.splitlines() if line.startswith("| ")}
+def test_speed224_benchmark_smoke(script):
+    out = script("speed224.py", "--device", "cpu", "--arch", "test_resnet", "--size", "32", "--k", "2", "--max-steps", "2",
+                 "--update-steps", "10", "--no-write")
+    rows = {line.split(" | ")[0].strip("| *"): line for line in out.splitlines() if line.startswith("| ")}
     assert {"attack", "importance", "synthesis", "updates", "total"} <= set(rows)
-    assert "per step (2)" in rows["updates"] and "scaled to the default's" in r.stdout
+    assert "per step (2)" in rows["updates"] and "scaled to the default's" in out
